@@ -1,0 +1,1 @@
+"""Calibration and evaluation data: multiple-choice VQA items, prompts and calibration samples."""
