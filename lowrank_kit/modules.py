@@ -86,7 +86,9 @@ class LowRankLinear(nn.Module):
         self.up = nn.Linear(rank, out_features, bias=bias, **factory)
 
     @classmethod
-    def from_factors(cls, f: DenseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device) -> LowRankLinear:
+    def from_factors(
+        cls, f: DenseFactors, bias: torch.Tensor | None, dtype: torch.dtype, device
+    ) -> LowRankLinear:
         m, r = f.A.shape
         mod = cls(f.B.shape[1], m, r, bias=bias is not None, dtype=dtype, device=device)
         with torch.no_grad():
@@ -189,7 +191,10 @@ class PerHeadLowRankLinear(nn.Module):
             out = torch.einsum("...hr,dhr->...hd", cs, ups).flatten(-2)
         else:
             out = torch.cat(
-                [c[..., self.offsets[h] : self.offsets[h + 1]] @ self.head_up(h).T for h in range(self.num_heads)],
+                [
+                    c[..., self.offsets[h] : self.offsets[h + 1]] @ self.head_up(h).T
+                    for h in range(self.num_heads)
+                ],
                 dim=-1,
             )
         return out + self.bias if self.bias is not None else out

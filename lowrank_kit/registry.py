@@ -60,8 +60,14 @@ def _check_kind(kind: str, obj: Any) -> str:
     if not ok:
         raise RegistryError(f"cannot register {obj!r} as a {kind}: expected {what}")
     name = getattr(obj, "name", None)
-    if not isinstance(name, str) or not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
-        raise RegistryError(f"cannot register {obj!r} as a {kind}: its `name` must be a non-empty identifier, got {name!r}")
+    if (
+        not isinstance(name, str)
+        or not name
+        or not name.replace("_", "").replace("-", "").replace(".", "").isalnum()
+    ):
+        raise RegistryError(
+            f"cannot register {obj!r} as a {kind}: its `name` must be a non-empty identifier, got {name!r}"
+        )
     return name
 
 
@@ -116,7 +122,9 @@ class Registry:
                     f"fix or uninstall it, or exclude it with {ALLOW_ENV}"
                 ) from exc
             dist = getattr(ep, "dist", None)
-            origin = f"entry point {ep.name} = {ep.value}" + (f" ({dist.name} {dist.version})" if dist else "")
+            origin = f"entry point {ep.name} = {ep.value}" + (
+                f" ({dist.name} {dist.version})" if dist else ""
+            )
             self.add_plugin(plugin, ep.name, origin)
 
     # -- lookup ---------------------------------------------------------------------------------------

@@ -32,10 +32,14 @@ class VQAItem:
 
     def __post_init__(self) -> None:
         if len(self.options) < 2:
-            raise ValueError(f"item {self.index!r}: a multiple-choice item needs >= 2 options, got {len(self.options)}")
+            raise ValueError(
+                f"item {self.index!r}: a multiple-choice item needs >= 2 options, got {len(self.options)}"
+            )
         letters = LETTERS[: len(self.options)]
         if self.answer not in letters:
-            raise ValueError(f"item {self.index!r}: answer {self.answer!r} is not one of {', '.join(letters)}")
+            raise ValueError(
+                f"item {self.index!r}: answer {self.answer!r} is not one of {', '.join(letters)}"
+            )
 
     @property
     def letters(self) -> str:
@@ -67,6 +71,8 @@ def build_mcq_prompt(item: VQAItem, style: str = "letter") -> str:
     if style == "dataset":
         prompt = f"Hint: {item.hint}\n" if item.hint else ""
         prompt += f"Question: {item.question}\n"
-        prompt += "Options:\n" + "".join(f"{letter}. {text}\n" for letter, text in zip(item.letters, item.options))
+        prompt += "Options:\n" + "".join(
+            f"{letter}. {text}\n" for letter, text in zip(item.letters, item.options)
+        )
         return prompt + DATASET_INSTRUCTION
     raise ValueError(f"unknown prompt style {style!r}; available: {', '.join(PROMPT_STYLES)}")

@@ -57,6 +57,8 @@ class DecomposeJob:
     info: AttentionInfo
     targets: tuple[str, ...]
     ratios: dict[str, float]  # ρ1 per target (fraction of parameters kept)
+    # An explicit rank per target (per matrix, or per head for per-head layouts) instead of a ratio.
+    ranks: dict[str, int] | None = None
     allocation: str = "uniform"
     granularity: int = 1
     calibration: list[CalibrationSample] | None = None

@@ -87,13 +87,22 @@ class ModelAdapter:
     lm_head: str = "lm_head"
     language_model: str = ""
     projections: dict[str, str] = field(
-        default_factory=lambda: {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "o_proj"}
+        default_factory=lambda: {
+            "q_proj": "q_proj",
+            "k_proj": "k_proj",
+            "v_proj": "v_proj",
+            "o_proj": "o_proj",
+        }
     )
     # Paths relative to one decoder layer (norms, MLP) and to the top-level model (embeddings, final norm).
     input_norm: str = "input_layernorm"
     post_attention_norm: str = "post_attention_layernorm"
     mlp: dict[str, str] = field(
-        default_factory=lambda: {"gate_proj": "mlp.gate_proj", "up_proj": "mlp.up_proj", "down_proj": "mlp.down_proj"}
+        default_factory=lambda: {
+            "gate_proj": "mlp.gate_proj",
+            "up_proj": "mlp.up_proj",
+            "down_proj": "mlp.down_proj",
+        }
     )
     embed_tokens: str = ""
     final_norm: str = ""
