@@ -1,0 +1,240 @@
+"""The compression pipeline: resolve a recipe, gather calibration data, run its steps, report.
+
+:func:`compress` works on a model in memory; :func:`compress_to_directory` loads the recipe's model,
+compresses it and writes a checkpoint atomically (nothing is left behind when a step fails).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lowrank_kit.errors import CalibrationError
+from lowrank_kit.methods.base import DecomposeJob, QuantizeJob
+from lowrank_kit.models.base import ModelAdapter
+from lowrank_kit.progress import NULL_REPORTER, Reporter
+from lowrank_kit.ratios import compute_ratios
+from lowrank_kit.recipe import DecomposeStep, QuantizeStep, Recipe, resolve_recipe
+from lowrank_kit.surgery import apply_plan, describe_structure
+
+
+@dataclass
+class CompressionResult:
+    model: nn.Module
+    adapter: ModelAdapter
+    recipe: Recipe  # resolved: every method parameter filled in
+    report: dict[str, Any]
+    processor: Any = None
+    output: Path | None = None
+
+
+@dataclass
+class StageTimer:
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, device: torch.device) -> Iterator[None]:
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize(device)
+        entry = {"stage": name, "seconds": round(time.perf_counter() - t0, 4)}
+        if cuda:
+            entry["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        entry["peak_rss_bytes"] = _peak_rss()
+        self.stages.append(entry)
+
+
+def _peak_rss() -> int:
+    """Peak resident memory of this process so far (the OS reports kB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields shared tensors once
+
+
+def needs_calibration(recipe: Recipe) -> bool:
+    from lowrank_kit.registry import get_decomposer, get_quantizer
+
+    for step in recipe.steps:
+        if isinstance(step, DecomposeStep) and get_decomposer(step.method).needs_calibration:
+            return True
+        if isinstance(step, QuantizeStep) and any(
+            get_quantizer(m).needs_calibration for m in step.methods or ()
+        ):
+            return True
+    return False
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def compress(
+    model: nn.Module,
+    recipe: Recipe,
+    *,
+    adapter: ModelAdapter | None = None,
+    processor: Any = None,
+    calibration: list | None = None,
+    reporter: Reporter = NULL_REPORTER,
+    device: torch.device | str | None = None,
+) -> CompressionResult:
+    """Compress ``model`` in place by the steps of ``recipe`` and return it with a report.
+
+    ``calibration`` (a list of :class:`~lowrank_kit.data.calibration.CalibrationSample`) is built from the
+    recipe's calibration spec when a step needs it and none is given (this needs ``processor``).
+    """
+    from lowrank_kit.models.loading import adapter_for_config
+    from lowrank_kit.registry import get_decomposer, get_quantizer
+
+    t_start = time.perf_counter()
+    recipe = resolve_recipe(recipe)
+    adapter = adapter or adapter_for_config(model.config)
+    info = adapter.info(model)
+    device = torch.device(device) if device is not None else _model_device(model)
+    timer = StageTimer()
+    params_before = count_parameters(model)
+
+    if needs_calibration(recipe) and calibration is None:
+        if processor is None:
+            raise CalibrationError(
+                "this recipe needs calibration data, which needs the model's processor; load the model with "
+                "lowrank_kit.models.loading.load_model or pass `calibration=` samples"
+            )
+        from lowrank_kit.data.sources import build_calibration
+
+        with timer("calibration data", device):
+            calibration = build_calibration(recipe.calibration, processor, adapter, reporter=reporter)
+
+    report: dict[str, Any] = {"method": None, "quant": None, "decompose": {}, "quantize": {}}
+    for step in recipe.steps:
+        if isinstance(step, DecomposeStep):
+            cls = get_decomposer(step.method)
+            method = cls(cls.config_class.model_validate(step.params))
+            job = DecomposeJob(
+                model=model,
+                adapter=adapter,
+                info=info,
+                targets=tuple(step.targets),
+                ratios=step.ratio_for(),
+                ranks={t: step.rank for t in step.targets} if step.rank is not None else None,
+                allocation=step.rank_allocation or cls.allocations[0],
+                granularity=step.granularity,
+                calibration=calibration,
+                reporter=reporter,
+                device=device,
+                seed=recipe.calibration.seed,
+            )
+            with timer(f"decompose ({step.method})", device):
+                plan = method.decompose(job)
+                apply_plan(model, adapter, plan)
+            report["method"] = step.method
+            report["decompose"] = {
+                "method": step.method,
+                "requested_ratio": step.ratio,
+                "requested_ratios": step.ratios,
+                "requested_rank": step.rank,
+                "targets": list(step.targets),
+                "rank_allocation": job.allocation,
+                "granularity": step.granularity,
+                "params": step.params,
+                **plan.report,
+            }
+        else:
+            from lowrank_kit.quant.schemes import resolve_scheme
+
+            scheme = resolve_scheme(step.scheme)
+            report["quant"] = scheme.name
+            entries: dict[str, Any] = {"scheme": scheme.name}
+            for name in step.methods or scheme.methods:
+                cls = get_quantizer(name)
+                quantizer = cls(cls.config_class.model_validate(step.params.get(name, {})))
+                qjob = QuantizeJob(
+                    model=model,
+                    adapter=adapter,
+                    info=info,
+                    weight_bits=scheme.weight_bits,
+                    act_bits=scheme.act_bits,
+                    kv_bits=scheme.kv_bits,
+                    calibration=calibration,
+                    reporter=reporter,
+                    device=device,
+                    seed=recipe.calibration.seed,
+                )
+                with timer(f"quantize ({name})", device):
+                    entries[name] = quantizer.quantize(qjob)
+            report["quantize"] = entries
+
+    ratios = compute_ratios(model, adapter)
+    report.update(
+        {
+            "rho1": ratios.rho1,
+            "rho2": ratios.rho2,
+            "factor_params": ratios.factor_params,
+            "replaced_params": ratios.replaced_params,
+            "cache_elements_per_token": ratios.cache_elements_per_token,
+            "original_cache_elements_per_token": ratios.original_cache_elements_per_token,
+            "params_before": params_before,
+            "params_after": count_parameters(model),
+            "ranks": describe_structure(model, adapter),
+            "stages": timer.stages,
+            "seconds": round(time.perf_counter() - t_start, 4),
+            "num_calibration_samples": len(calibration) if calibration is not None else 0,
+        }
+    )
+    return CompressionResult(model=model, adapter=adapter, recipe=recipe, report=report, processor=processor)
+
+
+def compress_to_directory(
+    recipe: Recipe,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    reporter: Reporter = NULL_REPORTER,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+) -> CompressionResult:
+    """Load ``recipe.model``, compress it and write the checkpoint to ``output`` atomically."""
+    from lowrank_kit.checkpoint import check_output_available, save_compressed
+    from lowrank_kit.models.loading import load_model
+
+    t0 = time.perf_counter()
+    recipe = resolve_recipe(recipe)  # fail on bad names before any expensive work
+    output = check_output_available(output, overwrite=overwrite)
+    loaded = load_model(
+        recipe.model,
+        dtype=dtype,
+        device=device or "cpu",
+        trust_remote_code=trust_remote_code,
+        reporter=reporter,
+    )
+    result = compress(
+        loaded.model,
+        recipe,
+        adapter=loaded.adapter,
+        processor=loaded.processor,
+        reporter=reporter,
+        device=device,
+    )
+    result.report["model"] = recipe.model
+    result.report["seconds"] = round(time.perf_counter() - t0, 4)
+    result.output = save_compressed(result, output, overwrite=overwrite, source=loaded.path)
+    result.report["output"] = str(result.output)
+    return result

@@ -1,0 +1,325 @@
+"""Recipes: what to compress, with which calibration data, by which ordered steps.
+
+A recipe is a pydantic model with ``extra="forbid"`` everywhere, loaded from and saved to YAML or JSON.
+CLI flags build the same object (:func:`recipe_from_flags`). Method parameters are validated by the
+config class each method registered (:func:`resolve_recipe`), and every validation failure is reported
+as the field path plus the reason, e.g. ``steps[0].params.beta: Input should be less than or equal to 1``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from lowrank_kit.errors import LowRankError, RecipeError
+from lowrank_kit.models.base import TARGETS
+
+RECIPE_VERSION = 1
+Target = Literal["q_proj", "k_proj", "v_proj"]
+DEFAULT_MODEL = "testbed"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CalibrationSpec(_Strict):
+    """Where calibration samples come from and how many.
+
+    ``source``: ``testbed`` (the built-in generator's train split), ``tsv`` (a VLMEvalKit TSV at
+    ``path``) or ``hf`` (a ``datasets`` dataset with ScienceQA-style fields: a hub id in ``dataset`` or a
+    ``save_to_disk`` directory in ``path``).
+    """
+
+    source: Literal["testbed", "tsv", "hf"] = "testbed"
+    path: str | None = None
+    dataset: str | None = None
+    split: str = "train"
+    num_samples: int = Field(64, gt=0)
+    seed: int = 0
+    max_length: int = Field(2048, gt=0)
+    prompt_style: Literal["letter", "dataset"] = "letter"
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> CalibrationSpec:
+        if self.source == "tsv" and not self.path:
+            raise ValueError("source 'tsv' needs `path` (a VLMEvalKit TSV file)")
+        if self.source == "hf" and not (self.path or self.dataset):
+            raise ValueError("source 'hf' needs `dataset` (a hub id) or `path` (a save_to_disk directory)")
+        return self
+
+
+def _check_ratio(v: float) -> float:
+    if not 0.0 < v <= 1.0:
+        raise ValueError(f"ratio ρ1 must be in (0, 1] (fraction of parameters kept), got {v}")
+    return v
+
+
+class DecomposeStep(_Strict):
+    """Low-rank decomposition of the targeted projections.
+
+    Exactly one of ``ratio`` (ρ1 for every target), ``ratios`` (ρ1 per target) or ``rank`` (an explicit
+    rank per matrix, or per head for per-head methods).
+    """
+
+    type: Literal["decompose"] = "decompose"
+    method: str
+    ratio: float | None = None
+    ratios: dict[Target, float] | None = None
+    rank: int | None = Field(None, ge=1)
+    targets: list[Target] = Field(default_factory=lambda: list(TARGETS), min_length=1)
+    rank_allocation: str | None = None
+    granularity: int = Field(1, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio(cls, v: float | None) -> float | None:
+        return None if v is None else _check_ratio(v)
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            for ratio in v.values():
+                _check_ratio(ratio)
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _unique_targets(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"targets must not repeat, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_size(self) -> DecomposeStep:
+        given = [k for k in ("ratio", "ratios", "rank") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of ratio, ratios, rank (got {', '.join(given) or 'none'})")
+        if self.ratios is not None and set(self.ratios) != set(self.targets):
+            raise ValueError(
+                f"ratios must give one ratio per target {self.targets}, got {sorted(self.ratios)}"
+            )
+        return self
+
+    def ratio_for(self) -> dict[str, float]:
+        if self.ratios is not None:
+            return dict(self.ratios)
+        return {t: self.ratio for t in self.targets} if self.ratio is not None else {}
+
+
+class QuantizeStep(_Strict):
+    """Quantization by a named scheme (``w8a8``, ``w4a4``, ... with optional latent bits ``-kv8``)."""
+
+    type: Literal["quantize"] = "quantize"
+    scheme: str
+    methods: list[str] | None = None
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+
+Step = Annotated[DecomposeStep | QuantizeStep, Field(discriminator="type")]
+
+
+class Recipe(_Strict):
+    version: int = RECIPE_VERSION
+    model: str = DEFAULT_MODEL
+    calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
+    steps: list[Step] = Field(min_length=1)
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v != RECIPE_VERSION:
+            raise ValueError(
+                f"recipe version {v} is not supported; this lowrank_kit reads version {RECIPE_VERSION}"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _one_decompose(self) -> Recipe:
+        if sum(isinstance(s, DecomposeStep) for s in self.steps) > 1:
+            raise ValueError("a recipe may contain at most one decompose step")
+        decomposes = [i for i, s in enumerate(self.steps) if isinstance(s, DecomposeStep)]
+        quantizes = [i for i, s in enumerate(self.steps) if isinstance(s, QuantizeStep)]
+        if decomposes and quantizes and min(quantizes) < decomposes[0]:
+            raise ValueError("quantize steps must come after the decompose step")
+        return self
+
+    @property
+    def decompose(self) -> DecomposeStep | None:
+        return next((s for s in self.steps if isinstance(s, DecomposeStep)), None)
+
+    @property
+    def quantize(self) -> list[QuantizeStep]:
+        return [s for s in self.steps if isinstance(s, QuantizeStep)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("decompose", "quantize") and out.endswith("]"):
+            continue  # the discriminated-union tag pydantic inserts into the path
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "recipe"
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for e in err.errors():
+        loc = _loc(tuple(e["loc"]))
+        if prefix:
+            loc = f"{prefix}.{loc}" if loc != "recipe" else prefix
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; unknown fields are not allowed)"
+        parts.append(f"{loc}: {msg}")
+    return "; ".join(parts)
+
+
+def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
+    """Validate a dict as a :class:`Recipe`; errors name the field path and the reason."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"invalid {origin}: expected a mapping at the top level, got {type(data).__name__}")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(f"invalid {origin}: {format_validation_error(err)}") from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe from a ``.yaml``/``.yml`` or ``.json`` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file {str(p)!r} does not exist")
+    text = p.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RecipeError(
+            f"recipe file {str(p)!r} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {first}"
+        ) from None
+    return parse_recipe(data, origin=f"recipe {str(p)!r}")
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> Path:
+    p = Path(path)
+    text = json.dumps(recipe.to_dict(), indent=2) + "\n" if p.suffix == ".json" else recipe.to_yaml()
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def recipe_from_flags(
+    *,
+    model: str = DEFAULT_MODEL,
+    method: str | None = None,
+    ratio: float | None = None,
+    rank: int | None = None,
+    quant: str | None = None,
+    calib_samples: int | None = None,
+    seed: int | None = None,
+    granularity: int | None = None,
+    rank_allocation: str | None = None,
+    calib_source: str | None = None,
+    calib_path: str | None = None,
+) -> Recipe:
+    """The recipe the CLI flags describe (``--method``, ``--ratio``, ``--quant``, ...)."""
+    calibration: dict[str, Any] = {}
+    if calib_samples is not None:
+        calibration["num_samples"] = calib_samples
+    if seed is not None:
+        calibration["seed"] = seed
+    if calib_source is not None:
+        calibration["source"] = calib_source
+    if calib_path is not None:
+        calibration["path"] = calib_path
+    steps: list[dict[str, Any]] = []
+    if method is not None:
+        step: dict[str, Any] = {"type": "decompose", "method": method}
+        if ratio is not None:
+            step["ratio"] = ratio
+        if rank is not None:
+            step["rank"] = rank
+        if ratio is None and rank is None:
+            raise RecipeError("--method needs --ratio (fraction of parameters kept, in (0, 1]) or --rank")
+        if granularity is not None:
+            step["granularity"] = granularity
+        if rank_allocation is not None:
+            step["rank_allocation"] = rank_allocation
+        steps.append(step)
+    elif ratio is not None or rank is not None:
+        raise RecipeError("--ratio/--rank need --method (see `lowrank methods`)")
+    if quant is not None:
+        steps.append({"type": "quantize", "scheme": quant})
+    if not steps:
+        raise RecipeError("nothing to do: give --method (and --ratio) and/or --quant, or --recipe FILE")
+    return parse_recipe({"model": model, "calibration": calibration, "steps": steps}, origin="options")
+
+
+# -- resolution against the registry ----------------------------------------------------------------
+
+
+def _validate_params(config_class: type[BaseModel], params: dict[str, Any], where: str) -> dict[str, Any]:
+    try:
+        return config_class.model_validate(params).model_dump(mode="json")
+    except ValidationError as err:
+        raise RecipeError(f"invalid recipe: {format_validation_error(err, prefix=where)}") from None
+
+
+def resolve_recipe(recipe: Recipe) -> Recipe:
+    """Check names against the registry and fill every method's parameters with its defaults."""
+    from lowrank_kit.registry import get_decomposer, get_quantizer
+
+    data = recipe.to_dict()
+    for i, step in enumerate(recipe.steps):
+        where = f"steps[{i}]"
+        if isinstance(step, DecomposeStep):
+            cls = get_decomposer(step.method)
+            allocation = step.rank_allocation or cls.allocations[0]
+            if allocation not in cls.allocations:
+                raise RecipeError(
+                    f"invalid recipe: {where}.rank_allocation: method {step.method!r} supports "
+                    f"{', '.join(cls.allocations)}, got {allocation!r}"
+                )
+            data["steps"][i]["rank_allocation"] = allocation
+            data["steps"][i]["params"] = _validate_params(cls.config_class, step.params, f"{where}.params")
+        else:
+            from lowrank_kit.quant.schemes import resolve_scheme
+
+            try:
+                scheme = resolve_scheme(step.scheme)
+            except LowRankError as err:
+                raise RecipeError(f"invalid recipe: {where}.scheme: {err}") from None
+            methods = list(step.methods) if step.methods is not None else list(scheme.methods)
+            unknown = [k for k in step.params if k not in methods]
+            if unknown:
+                raise RecipeError(
+                    f"invalid recipe: {where}.params: parameters for {', '.join(unknown)}, which this step "
+                    f"does not run (methods: {', '.join(methods)})"
+                )
+            params = {}
+            for name in methods:
+                cls = get_quantizer(name)
+                params[name] = _validate_params(
+                    cls.config_class, step.params.get(name, {}), f"{where}.params.{name}"
+                )
+            data["steps"][i]["methods"] = methods
+            data["steps"][i]["params"] = params
+    return parse_recipe(data)
