@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from lowrank_kit.errors import LowRankError
 from lowrank_kit.methods.base import Plan
 from lowrank_kit.models.base import TARGETS, ModelAdapter
 from lowrank_kit.modules import (
@@ -27,7 +28,7 @@ from lowrank_kit.modules import (
 def _original(adapter: ModelAdapter, model: nn.Module, layer: int, target: str) -> nn.Linear:
     mod = adapter.get_projection(model, layer, target)
     if not isinstance(mod, nn.Linear):
-        raise TypeError(
+        raise LowRankError(
             f"layer {layer} {target} is already a {type(mod).__name__}; decompose an uncompressed model"
         )
     return mod

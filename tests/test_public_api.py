@@ -1,0 +1,42 @@
+"""Pins the public surface: a change here must be deliberate."""
+
+import subprocess
+import sys
+
+import lowrank_kit
+
+EXPECTED = {
+    "CompressionResult",
+    "Decomposer",
+    "LowRankError",
+    "MethodConfig",
+    "ModelAdapter",
+    "Quantizer",
+    "Recipe",
+    "__version__",
+    "compress",
+    "compress_to_directory",
+    "get_registry",
+    "hookimpl",
+    "load",
+    "load_model",
+    "load_recipe",
+    "recipe_from_flags",
+    "save_recipe",
+}
+
+
+def test_public_names_are_pinned():
+    assert set(lowrank_kit.__all__) == EXPECTED
+
+
+def test_every_public_name_resolves():
+    for name in lowrank_kit.__all__:
+        assert getattr(lowrank_kit, name) is not None
+
+
+def test_import_is_light():
+    # `import lowrank_kit` must not pull in triton or transformers (CLI start-up, plugin import time).
+    code = "import sys, lowrank_kit; print(sorted(m for m in ('triton', 'transformers') if m in sys.modules))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
