@@ -7,7 +7,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -19,11 +18,12 @@ from lowrank_kit.errors import LowRankError
 class _Group(TyperGroup):
     """Turns every :class:`LowRankError` into one ``Error: ...`` line and a non-zero exit, no traceback."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: Any) -> Any:
         try:
             return super().invoke(ctx)
         except LowRankError as err:
-            raise click.ClickException(str(err)) from None
+            typer.echo(f"Error: {err}", err=True)
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(

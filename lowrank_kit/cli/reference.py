@@ -1,0 +1,59 @@
+"""Generate docs/cli.md from the typer app, so the CLI reference never drifts from the code.
+
+``python -m lowrank_kit.cli.reference > docs/cli.md`` rewrites it; a test fails when it is stale.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+
+def _options(cmd: Any) -> list[str]:
+    rows = []
+    for p in cmd.params:
+        if p.param_type_name == "argument":
+            rows.append(f"| `{p.human_readable_name}` | argument{' (required)' if p.required else ''} | |")
+            continue
+        if p.param_type_name != "option" or p.hidden:
+            continue
+        names = ", ".join(f"`{n}`" for n in [*p.opts, *p.secondary_opts])
+        default = "" if p.default in (None, False) else f"`{p.default}`"
+        help_text = (p.help or "").replace("|", "\\|")
+        rows.append(f"| {names} | {help_text} | {default} |")
+    return rows
+
+
+def _walk(cmd: Any, path: list[str], out: list[str]) -> None:
+    if hasattr(cmd, "commands"):
+        if path[1:]:
+            out.append(f"## `{' '.join(path)}`\n\n{(cmd.help or '').strip()}\n")
+        for name in sorted(cmd.commands):
+            _walk(cmd.commands[name], [*path, name], out)
+        return
+    out.append(f"## `{' '.join(path)}`\n")
+    if cmd.help:
+        out.append(cmd.help.strip() + "\n")
+    rows = _options(cmd)
+    if rows:
+        out.extend(["| option | description | default |", "|---|---|---|", *rows, ""])
+
+
+def render(app: typer.Typer | None = None) -> str:
+    if app is None:
+        from lowrank_kit.cli.main import app
+    root = typer.main.get_command(app)
+    out = [
+        "# CLI reference",
+        "",
+        "Generated from the typer app by `python -m lowrank_kit.cli.reference > docs/cli.md`; a test fails when",
+        "this file is stale.",
+        "",
+    ]
+    _walk(root, ["lowrank"], out)
+    return "\n".join(out).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")
