@@ -2,13 +2,13 @@
 
 import pytest
 import torch
-from lowrank_kit.models.loading import adapter_for_config
-from lowrank_kit.models.tiny import build_tiny_model, tiny_inputs
 
 from lowrank_kit.errors import LowRankError
 from lowrank_kit.methods.allocation import dense_rank
 from lowrank_kit.methods.base import DecomposeJob
 from lowrank_kit.methods.svd import SVDDecomposer
+from lowrank_kit.models.loading import adapter_for_config
+from lowrank_kit.models.tiny import build_tiny_model, tiny_inputs
 from lowrank_kit.pipeline import compress, count_parameters
 from lowrank_kit.recipe import recipe_from_flags
 from lowrank_kit.surgery import apply_plan, build_structure, describe_structure
