@@ -223,8 +223,9 @@ def load_model(
     """Load a model, its processor and its adapter.
 
     ``random_weights`` builds the architecture without reading weights: from the alias preset for an
-    alias (nothing is downloaded, and there is no processor), from the config otherwise. ``dtype``
-    defaults to the checkpoint's own. The model is returned in eval mode on ``device``.
+    alias (nothing is downloaded, there is no processor, and ``dtype`` defaults to bf16), from the
+    config otherwise. ``dtype`` otherwise defaults to the checkpoint's own. The model is returned in
+    eval mode on ``device``.
     """
     ms = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
     with reporter.stage(f"load {ms.spec}", total=3) as stage:
