@@ -41,6 +41,16 @@ def _adapter(family: str) -> ModelAdapter:
     return adapter
 
 
+TINY_FAMILIES = ("llava", "llava_next", "smolvlm", "qwen2_vl", "qwen2_5_vl", "molmo2")
+
+
+def family_available(family: str) -> bool:
+    """Whether the installed transformers has this family's model class (Molmo2 needs >= 5.20 or so)."""
+    import transformers
+
+    return hasattr(transformers, _adapter(family).model_class)
+
+
 def tiny_config(family: str):
     """The tiny transformers config of ``family``."""
     return _adapter(family).tiny_config()
