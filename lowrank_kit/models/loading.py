@@ -228,6 +228,12 @@ def load_model(
     eval mode on ``device``.
     """
     ms = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
+    if ms.local_path is not None:
+        from lowrank_kit.checkpoint import is_compressed_checkpoint, load
+
+        if is_compressed_checkpoint(ms.local_path):
+            # A lowrank_kit output directory: rebuild its low-rank structure, then load its weights.
+            return load(ms.local_path, device=device, dtype=dtype)
     with reporter.stage(f"load {ms.spec}", total=3) as stage:
         if random_weights and ms.kind == "alias":
             config = preset_config(ms.alias)
