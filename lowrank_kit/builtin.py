@@ -7,9 +7,13 @@ from lowrank_kit.hookspecs import hookimpl
 
 @hookimpl
 def register_decomposers(register):
+    from lowrank_kit.methods.asvd import ASVDDecomposer
+    from lowrank_kit.methods.qsvd import QSVDDecomposer
     from lowrank_kit.methods.svd import SVDDecomposer
+    from lowrank_kit.methods.svdllm import SVDLLMDecomposer
+    from lowrank_kit.methods.wsvd import WSVDDecomposer
 
-    for cls in (SVDDecomposer,):
+    for cls in (SVDDecomposer, ASVDDecomposer, SVDLLMDecomposer, QSVDDecomposer, WSVDDecomposer):
         register(cls)
 
 
