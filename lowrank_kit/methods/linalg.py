@@ -154,10 +154,29 @@ class Spectrum:
         return DenseFactors(A.float(), B.float())
 
 
+def thin_svd(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reduced SVD of a batch of matrices; a QR step first when they are far from square.
+
+    A head's whitened weight is d×n with n ≫ d (128×4096 in a 7B model). ``M = Rᵀ Qᵀ`` from the QR of
+    ``Mᵀ`` leaves only a small square SVD of ``Rᵀ``; QR is backward stable, so this loses nothing to
+    the direct route, and GPU solvers handle many small square problems far faster than wide ones.
+    """
+    m, n = M.shape[-2:]
+    if n >= 2 * m:
+        Q, R = torch.linalg.qr(M.mT)
+        U, sigma, Vh_r = torch.linalg.svd(R.mT)
+        return U, sigma, Vh_r @ Q.mT
+    if m >= 2 * n:
+        Q, R = torch.linalg.qr(M)
+        U_r, sigma, Vh = torch.linalg.svd(R)
+        return Q @ U_r, sigma, Vh
+    return torch.linalg.svd(M, full_matrices=False)
+
+
 def spectrum(W: torch.Tensor, transform: InputTransform) -> Spectrum:
     """Spectrum of ``W`` (groups, rows, n) under ``transform``, computed in fp64."""
     Wd = W.to(torch.float64)
-    U, sigma, Vh = torch.linalg.svd(transform.apply(Wd), full_matrices=False)
+    U, sigma, Vh = thin_svd(transform.apply(Wd))
     if not (torch.isfinite(sigma).all() and torch.isfinite(U).all()):
         raise CalibrationError("the SVD of a transformed weight returned non-finite values")
     down = transform.apply_inverse(Vh)

@@ -264,23 +264,27 @@ def _grads_only_on(model: nn.Module, params: list[nn.Parameter]) -> Iterator[Non
 
 def _sample_grads(
     model: nn.Module, sample: Any, params: list[nn.Parameter], scale: float
-) -> tuple[float, list[torch.Tensor]]:
-    """Loss and fp32 weight gradients of one sample; the scale is retried lower if fp16 overflows."""
+) -> tuple[float, tuple[torch.Tensor, ...], float]:
+    """Loss, weight gradients (model dtype, times the returned scale) of one sample.
+
+    The scale is halved and the sample redone while fp16 gradients overflow. Gradients stay in the
+    model's dtype here: converting all of them to fp32 at once would double their memory on a 7B model.
+    """
     while True:
         moved, out = _forward(model, sample)
         loss = answer_loss(out.logits, moved.labels)
         grads = torch.autograd.grad(loss * scale, params)
         del out
-        finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        if finite:
-            return float(loss.detach()), [g.float().div_(scale) for g in grads]
         value = float(loss.detach())
+        if all(bool(torch.isfinite(g).all()) for g in grads):
+            return value, grads, scale
         if not torch.isfinite(loss):
             raise CalibrationError(f"the calibration loss is {value}; the model's outputs are not finite")
         if scale <= 1.0:
             raise CalibrationError(
                 "gradients on the calibration data are not finite even without loss scaling"
             )
+        del grads
         scale /= 2.0
 
 
@@ -313,23 +317,28 @@ def collect_gradient_stats(
         recorder.stage("calibration: gradients", total=len(samples)) as st,
     ):
         for sample in samples:
-            loss, grads = _sample_grads(job.model, sample, params, scale)
+            loss, raw, used_scale = _sample_grads(job.model, sample, params, scale)
             total_loss += loss
+
+            def grad(key: tuple[int, str], raw=raw, used_scale=used_scale) -> torch.Tensor:
+                g = raw[index[key]].to(job.device, torch.float32)
+                return g if used_scale == 1.0 else g / used_scale
+
             if fisher:
                 for key in keys:
-                    g = grads[index[key]].to(job.device)
+                    g = grad(key)
                     acc = result.fisher.get(key)
                     result.fisher[key] = g * g if acc is None else acc.addcmul_(g, g)
             for bkey, basis in bases.items():
                 layer = bkey[0]
-                G = torch.cat([grads[index[(layer, t)]].to(job.device) for t in basis.targets], dim=0)
+                G = torch.cat([grad((layer, t)) for t in basis.targets], dim=0)
                 spec = basis.spectrum
                 G = G.view(spec.groups, -1, G.shape[-1])
                 # u_iᵀ G S^{-ᵀ} v_i for every i at once: (G · downᵀ) then the column-wise dot with U.
                 proj = (spec.U * (G @ spec.down.transpose(1, 2))).sum(1).double()
                 acc = squares.get(bkey)
                 squares[bkey] = proj * proj if acc is None else acc.addcmul_(proj, proj)
-            del grads
+            del raw
             st.advance()
     n = len(samples)
     for key in result.fisher:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lowrank_kit.errors import CalibrationError
-from lowrank_kit.methods.linalg import activation_scaling, identity_transform, spectrum, whitening
+from lowrank_kit.methods.linalg import activation_scaling, identity_transform, spectrum, thin_svd, whitening
 
 # fp64 factorizations of 24×24 matrices: identities hold to ~1e-12; 1e-9 leaves room for conditioning.
 TIGHT = 1e-9
@@ -108,3 +108,16 @@ def test_activation_scaling_floors_dead_channels_and_rejects_all_zero():
     assert torch.allclose(t.S * t.S_inv, torch.ones(3, dtype=torch.float64))
     with pytest.raises(CalibrationError, match="every calibration activation of this layer is zero"):
         activation_scaling(torch.zeros(3), alpha=0.5)
+
+
+@pytest.mark.parametrize("shape", [(3, 6, 40), (2, 40, 6), (2, 12, 16)])
+def test_thin_svd_matches_the_direct_svd_on_wide_tall_and_square_batches(shape):
+    M = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    M[0, :, 1] = M[0, :, 0]  # a repeated column: rank deficiency must not break the QR route
+    U, s, Vh = thin_svd(M)
+    k = min(shape[1:])
+    assert U.shape == (shape[0], shape[1], k) and Vh.shape == (shape[0], k, shape[2])
+    assert torch.allclose(s, torch.linalg.svdvals(M), atol=1e-12)
+    assert torch.allclose(U @ torch.diag_embed(s) @ Vh, M, atol=1e-12)
+    eye = torch.eye(k, dtype=torch.float64).expand(shape[0], k, k)
+    assert torch.allclose(U.mT @ U, eye, atol=1e-12) and torch.allclose(Vh @ Vh.mT, eye, atol=1e-12)
