@@ -37,6 +37,25 @@ def head_rank(d: int, n: int, ratio: float, granularity: int = 1) -> int:
     return round_rank(ratio * d * n / (n + d), min(d, n), granularity)
 
 
+def balanced_ranks(count: int, per_matrix: float, full: int, granularity: int = 1) -> list[int]:
+    """Ranks for ``count`` equal matrices that together keep ``count·per_matrix`` rank units.
+
+    ``uniform`` allocation without the systematic rounding of :func:`dense_rank`: every matrix gets the
+    same multiple of g below the target or one step more, the extra steps spread evenly over the list,
+    so the total is within half a step of the budget (ρ1 then lands within half a step of one matrix,
+    not of every matrix at once).
+    """
+    g = max(int(granularity), 1)
+    step = min(g, full)
+    base = max(step, min(full, int(per_matrix // step) * step))
+    extra = max(0, round((count * per_matrix - count * base) / step))
+    ranks = []
+    for i in range(count):
+        bump = (i + 1) * extra // count - i * extra // count
+        ranks.append(min(full, base + bump * step))
+    return ranks
+
+
 def check_fixed_rank(rank: int, full: int, what: str) -> int:
     """An explicitly requested rank must fit the matrix it factors."""
     if rank < 1 or rank > full:

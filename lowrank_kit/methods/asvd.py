@@ -4,7 +4,8 @@ Each target matrix is factored as the truncated SVD of ``W·diag(s^α)``, where 
 absolute activation of input channel j on the calibration tokens, and ``B ← B·diag(s^{-α})``: channels
 that carry large activations are preserved first.
 
-Rank allocation ``uniform`` gives every matrix the same ρ1. ``sensitivity`` is ASVD's search (STRS):
+Rank allocation ``uniform`` gives every matrix of a target the same ρ1 (ranks differ between layers by
+at most one granularity step, so that the total meets the budget). ``sensitivity`` is ASVD's search (STRS):
 each matrix alone is truncated to every candidate ratio and the calibration loss measured; the loss
 threshold that meets the total parameter budget then picks each matrix's ratio, and what the coarse
 grid leaves of the budget is spent on the most sensitive matrices in single granularity steps.
@@ -16,7 +17,7 @@ from typing import Any
 
 from pydantic import Field, field_validator
 
-from lowrank_kit.methods.allocation import dense_rank, sensitivity_allocation, top_up
+from lowrank_kit.methods.allocation import balanced_ranks, dense_rank, sensitivity_allocation, top_up
 from lowrank_kit.methods.base import DecomposeJob, Decomposer, LayerPlan, MethodConfig, Plan
 from lowrank_kit.methods.common import check_allocation, plan_rho1, ratio_of, requested_rank
 from lowrank_kit.methods.linalg import Spectrum, activation_scaling, spectrum
@@ -79,10 +80,17 @@ class ASVDDecomposer(Decomposer):
         if allocation == "sensitivity":
             ranks, report["sensitivity"] = self._sensitivity(job, spectra, shapes, samples, recorder)
         else:
-            for key in keys:
-                m, n = shapes[key]
-                r = fixed[key[1]]
-                ranks[key] = r if r is not None else dense_rank(m, n, ratio_of(job, key[1]), job.granularity)
+            for target in job.targets:
+                m, n = shapes[(job.layers[0], target)]
+                r = fixed[target]
+                per_layer = (
+                    [r] * len(job.layers)
+                    if r is not None
+                    else balanced_ranks(
+                        len(job.layers), ratio_of(job, target) * m * n / (m + n), min(m, n), job.granularity
+                    )
+                )
+                ranks.update({(layer, target): rk for layer, rk in zip(job.layers, per_layer)})
 
         layers = []
         for layer in job.layers:

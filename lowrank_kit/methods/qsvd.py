@@ -5,7 +5,8 @@ SVD: a shared down-projection ``B = Σ^β Vᵀ diag(s^{-α})`` and one up-projec
 ``U Σ^{1−β}``). The cache holds the shared latent. Rank allocation ``importance`` ranks the singular
 values of all layers together by ``I_i = σ_i · sqrt(mean_n (u_iᵀ G_n S^{-ᵀ} v_i)²)`` (``G_n`` the stacked
 gradients of one sample) and keeps the global top-k (each layer at least its top component);
-``uniform`` gives every layer the same rank.
+``uniform`` gives every layer the same rank (up to one granularity step, so that the total meets the
+budget).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from pydantic import Field
 
 from lowrank_kit.errors import RecipeError
-from lowrank_kit.methods.allocation import importance_allocation, round_rank
+from lowrank_kit.methods.allocation import balanced_ranks, importance_allocation
 from lowrank_kit.methods.base import DecomposeJob, Decomposer, LayerPlan, MethodConfig, Plan
 from lowrank_kit.methods.common import check_allocation, plan_rho1, ratio_of
 from lowrank_kit.methods.linalg import Spectrum, activation_scaling, spectrum
@@ -97,8 +98,8 @@ class QSVDDecomposer(Decomposer):
             )
             keep = dict(zip(job.layers, chosen))
         else:
-            r = round_rank(per_layer, full, job.granularity)
-            keep = {layer: torch.arange(r) for layer in job.layers}
+            layer_ranks = balanced_ranks(len(job.layers), per_layer, full, job.granularity)
+            keep = {layer: torch.arange(r) for layer, r in zip(job.layers, layer_ranks)}
 
         layers = []
         for layer in job.layers:

@@ -3,7 +3,8 @@
 Each target matrix is factored as the truncated SVD of ``W S``, where ``S Sᵀ = G`` whitens the layer
 input (its Gram matrix over the calibration tokens), and ``B ← B S⁻¹``: the truncation then minimizes
 the output error ``‖(W − AB) X‖`` on the calibration data rather than the weight error. Q, K and V read
-the same input, so one whitening factor per layer serves all three. Same ρ1 for every matrix.
+the same input, so one whitening factor per layer serves all three. Same ρ1 for every matrix of a
+target (ranks differ between layers by at most one granularity step, so that the total meets the budget).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from lowrank_kit.methods.allocation import dense_rank
+from lowrank_kit.methods.allocation import balanced_ranks
 from lowrank_kit.methods.base import DecomposeJob, Decomposer, LayerPlan, MethodConfig, Plan
 from lowrank_kit.methods.common import check_allocation, plan_rho1, ratio_of, requested_rank
 from lowrank_kit.methods.linalg import spectrum, whitening
@@ -45,9 +46,21 @@ class SVDLLMDecomposer(Decomposer):
         recorder = StageRecorder(job.reporter, job.device)
         samples = require_calibration(job, self.name)
         stats = collect_input_stats(job, recorder, abs_mean=False, gram=True, samples=samples)
+        n = job.info.hidden_size
+        ranks: dict[str, list[int]] = {}
+        for target in job.targets:
+            m = job.info.out_features(target)
+            rank = requested_rank(job, target, min(m, n), f"{target} ({m}×{n})")
+            ranks[target] = (
+                [rank] * len(job.layers)
+                if rank is not None
+                else balanced_ranks(
+                    len(job.layers), ratio_of(job, target) * m * n / (m + n), min(m, n), job.granularity
+                )
+            )
         layers, whitening_info = [], {}
         with recorder.stage("svdllm: whitened SVD", total=len(job.layers)) as st:
-            for layer in job.layers:
+            for i, layer in enumerate(job.layers):
                 transform = whitening(
                     stats.gram.pop(layer), cfg.whitening, cfg.eps, where=f" of layer {layer}"
                 )
@@ -55,11 +68,7 @@ class SVDLLMDecomposer(Decomposer):
                 lp = LayerPlan(layer)
                 for target in job.targets:
                     W = job.weight(layer, target)
-                    m, n = W.shape
-                    rank = requested_rank(job, target, min(m, n), f"{target} ({m}×{n})")
-                    if rank is None:
-                        rank = dense_rank(m, n, ratio_of(job, target), job.granularity)
-                    lp.factors[target] = spectrum(W[None], transform).factors(0, rank, cfg.beta)
+                    lp.factors[target] = spectrum(W[None], transform).factors(0, ranks[target][i], cfg.beta)
                 layers.append(lp)
                 st.advance()
         plan = Plan(layers)

@@ -7,6 +7,7 @@ import torch
 
 from lowrank_kit.errors import RecipeError
 from lowrank_kit.methods.allocation import (
+    balanced_ranks,
     dense_rank,
     head_rank,
     importance_allocation,
@@ -104,3 +105,13 @@ def test_uniform_ranks_meet_the_ratio_to_half_a_step():
         r = dense_rank(m, n, ratio)
         assert abs(r * (m + n) / (m * n) - ratio) <= 0.5 * (m + n) / (m * n) + 1e-12
     assert head_rank(16, 64, 0.5) == round(0.5 * 16 * 64 / 80)
+
+
+def test_balanced_ranks_spread_the_remainder_and_meet_the_budget():
+    assert balanced_ranks(4, 6.4, 16) == [6, 7, 6, 7]
+    for count, per, full, g in [(5, 6.4, 16, 1), (7, 10.3, 16, 4), (3, 15.9, 16, 1), (32, 41.6, 128, 8)]:
+        ranks = balanced_ranks(count, per, full, g)
+        assert max(ranks) - min(ranks) <= g
+        assert all(r % g == 0 or r == full for r in ranks)
+        assert abs(sum(ranks) - count * per) <= g / 2 + 1e-9
+    assert balanced_ranks(3, 0.2, 16, 4) == [4, 4, 4]  # never below one step

@@ -4,7 +4,6 @@ import pytest
 import torch
 from method_helpers import TARGETS, make_job, make_samples
 
-from lowrank_kit.methods.allocation import dense_rank
 from lowrank_kit.methods.asvd import ASVDConfig, ASVDDecomposer
 from lowrank_kit.models.tiny import build_tiny_model
 
@@ -12,7 +11,7 @@ from lowrank_kit.models.tiny import build_tiny_model
 def test_factors_are_the_scaled_svd_with_the_scale_folded_back():
     model = build_tiny_model("llava")
     samples = make_samples(model, n=2)
-    job = make_job(model, samples=samples, ratios=dict.fromkeys(TARGETS, 0.5))
+    job = make_job(model, samples=samples, ranks=dict.fromkeys(TARGETS, 11))
     plan = ASVDDecomposer(ASVDConfig(alpha=0.5)).decompose(job)
     seen = []
     h = job.projection(0, "v_proj").register_forward_pre_hook(
@@ -24,13 +23,24 @@ def test_factors_are_the_scaled_svd_with_the_scale_folded_back():
     h.remove()
     s = torch.cat(seen).abs().mean(0).double()
     W = job.weight(0, "v_proj").double()
-    r = dense_rank(*W.shape, 0.5)
+    r = 11
     U, sig, Vh = torch.linalg.svd(W * s.sqrt(), full_matrices=False)
     expected = (U[:, :r] * sig[:r]) @ Vh[:r] / s.sqrt()
     f = plan.layers[0].factors["v_proj"]
     assert f.rank == r
     # fp32-stored factors of a 32×64 matrix: ~1e-6 relative.
     assert float((f.A.double() @ f.B.double() - expected).norm() / expected.norm()) < 1e-5
+
+
+def test_uniform_ranks_meet_each_targets_budget_across_layers():
+    model = build_tiny_model("llava")
+    job = make_job(model, samples=make_samples(model), ratios=dict.fromkeys(TARGETS, 0.6))
+    plan = ASVDDecomposer().decompose(job)
+    for t in TARGETS:
+        m, n = job.info.out_features(t), job.info.hidden_size
+        ranks = [lp.factors[t].rank for lp in plan.layers]
+        assert max(ranks) - min(ranks) <= 1
+        assert abs(sum(ranks) - 0.6 * m * n / (m + n) * len(ranks)) <= 0.5
 
 
 def test_sensitivity_search_meets_the_budget_and_reports_its_table():

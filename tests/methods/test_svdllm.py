@@ -45,14 +45,16 @@ def test_whitened_truncation_has_the_lowest_output_error_on_calibration_inputs()
             assert err["svdllm"] <= err["asvd"] * (1 + 1e-6)
 
 
-def test_uniform_ratio_gives_every_matrix_its_dense_rank():
+def test_uniform_ratio_meets_each_targets_budget_with_near_equal_ranks():
     model = build_tiny_model("smolvlm")
-    job = make_job(model, samples=make_samples(model), ratios={"q_proj": 0.5, "k_proj": 0.3, "v_proj": 0.7})
+    ratios = {"q_proj": 0.5, "k_proj": 0.3, "v_proj": 0.7}
+    job = make_job(model, samples=make_samples(model), ratios=ratios)
     plan = SVDLLMDecomposer().decompose(job)
-    for lp in plan.layers:
-        assert lp.factors["q_proj"].rank == round(0.5 * 64 * 64 / 128)
-        assert lp.factors["k_proj"].rank == round(0.3 * 32 * 64 / 96)
-        assert lp.factors["v_proj"].rank == round(0.7 * 32 * 64 / 96)
+    for t, ratio in ratios.items():
+        m, n = job.info.out_features(t), job.info.hidden_size
+        ranks = [lp.factors[t].rank for lp in plan.layers]
+        assert max(ranks) - min(ranks) <= 1
+        assert abs(sum(ranks) - ratio * m * n / (m + n) * len(ranks)) <= 0.5
     assert plan.report["whitening"]["0"]["route"] == "eigen"
 
 
