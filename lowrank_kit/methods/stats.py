@@ -243,6 +243,15 @@ class GradientStats:
         out.update({f"layer.{i}.{t}.importance": v for (i, t), v in self.importance.items()})
         return out
 
+    @classmethod
+    def from_state_dict(cls, state: dict[str, torch.Tensor]) -> GradientStats:
+        stats = cls(samples=int(state["samples"]), mean_loss=float(state["mean_loss"]))
+        for key, value in state.items():
+            if key.startswith("layer."):
+                _, layer, name, kind = key.split(".")
+                getattr(stats, kind)[(int(layer), name)] = value
+        return stats
+
 
 @contextlib.contextmanager
 def _grads_only_on(model: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:

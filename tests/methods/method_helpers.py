@@ -65,3 +65,18 @@ def logits(model, inputs) -> torch.Tensor:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def projection_inputs(job, samples, layer: int, target: str = "q_proj") -> torch.Tensor:
+    """Every token row that ``target`` of ``layer`` receives over ``samples`` (fp64), captured independently."""
+    seen = []
+    handle = job.projection(layer, target).register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+    )
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                job.model(**sample.inputs)
+    finally:
+        handle.remove()
+    return torch.cat(seen).double()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from method_helpers import TARGETS, make_job, make_samples
+from method_helpers import TARGETS, make_job, make_samples, projection_inputs
 
 from lowrank_kit.methods.asvd import ASVDConfig, ASVDDecomposer
 from lowrank_kit.models.tiny import build_tiny_model
@@ -13,15 +13,7 @@ def test_factors_are_the_scaled_svd_with_the_scale_folded_back():
     samples = make_samples(model, n=2)
     job = make_job(model, samples=samples, ranks=dict.fromkeys(TARGETS, 11))
     plan = ASVDDecomposer(ASVDConfig(alpha=0.5)).decompose(job)
-    seen = []
-    h = job.projection(0, "v_proj").register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
-    )
-    with torch.no_grad():
-        for s in samples:
-            model(**s.inputs)
-    h.remove()
-    s = torch.cat(seen).abs().mean(0).double()
+    s = projection_inputs(job, samples, 0, "v_proj").abs().mean(0)
     W = job.weight(0, "v_proj").double()
     r = 11
     U, sig, Vh = torch.linalg.svd(W * s.sqrt(), full_matrices=False)

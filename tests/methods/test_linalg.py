@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from method_helpers import rel
 
 from lowrank_kit.errors import CalibrationError
 from lowrank_kit.methods.linalg import activation_scaling, identity_transform, spectrum, thin_svd, whitening
@@ -18,16 +19,12 @@ def _gram(tokens: int, n: int = 24, seed: int = 0) -> torch.Tensor:
     return X.T @ X / tokens
 
 
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 @pytest.mark.parametrize("route", ["eigen", "cholesky"])
 def test_whitening_factor_squares_to_a_full_rank_gram(route):
     G = _gram(200)
     t = whitening(G, route)
-    assert _rel(t.S @ t.S.T, G) < TIGHT
-    assert _rel(t.S @ t.S_inv, torch.eye(24, dtype=torch.float64)) < TIGHT
+    assert rel(t.S @ t.S.T, G) < TIGHT
+    assert rel(t.S @ t.S_inv, torch.eye(24, dtype=torch.float64)) < TIGHT
     assert t.clamped == 0 and t.jitter == 0.0
 
 
@@ -36,11 +33,11 @@ def test_eigen_route_floors_a_rank_deficient_gram_without_nan():
     t = whitening(G, "eigen", eps=1e-6)
     assert torch.isfinite(t.S).all() and torch.isfinite(t.S_inv).all()
     assert t.clamped == 24 - 5
-    assert _rel(t.S @ t.S_inv, torch.eye(24, dtype=torch.float64)) < 1e-6  # condition number ~1e3
+    assert rel(t.S @ t.S_inv, torch.eye(24, dtype=torch.float64)) < 1e-6  # condition number ~1e3
     # On the data's own span the factor is exact: the floor only touches the null space.
     evecs = torch.linalg.eigh(G).eigenvectors
     span = evecs[:, -5:]
-    assert _rel(span.T @ (t.S @ t.S.T) @ span, span.T @ G @ span) < TIGHT
+    assert rel(span.T @ (t.S @ t.S.T) @ span, span.T @ G @ span) < TIGHT
 
 
 def test_cholesky_route_adds_jitter_to_a_singular_gram():
@@ -48,7 +45,7 @@ def test_cholesky_route_adds_jitter_to_a_singular_gram():
     t = whitening(G, "cholesky", eps=1e-6)
     assert t.jitter > 0.0
     assert torch.isfinite(t.S_inv).all()
-    assert _rel(t.S @ t.S_inv, torch.eye(24, dtype=torch.float64)) < 1e-6
+    assert rel(t.S @ t.S_inv, torch.eye(24, dtype=torch.float64)) < 1e-6
 
 
 def test_whitening_errors():
@@ -93,11 +90,11 @@ def test_spectrum_factors_keep_any_index_set_with_the_sigma_split():
         f = spec.factors(1, idx, beta)
         U, s, Vh = torch.linalg.svd(t.apply(W[1]), full_matrices=False)
         expected = (U[:, idx] * s[idx]) @ Vh[idx] @ t.S_inv
-        assert _rel(f.A.double() @ f.B.double(), expected) < FP32
+        assert rel(f.A.double() @ f.B.double(), expected) < FP32
         # β sets how Σ is split: A's column norms are σ^(1−β) (U has unit columns).
         assert torch.allclose(f.A.double().norm(dim=0), s[idx] ** (1 - beta), rtol=1e-5)
     full = spec.factors(2, 8, 0.5)
-    assert _rel(full.A.double() @ full.B.double(), W[2]) < FP32
+    assert rel(full.A.double() @ full.B.double(), W[2]) < FP32
 
 
 def test_activation_scaling_floors_dead_channels_and_rejects_all_zero():

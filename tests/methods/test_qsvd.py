@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from method_helpers import TARGETS, make_job, make_samples
+from method_helpers import TARGETS, make_job, make_samples, projection_inputs
 
 from lowrank_kit.errors import RecipeError
 from lowrank_kit.methods.qsvd import QSVDDecomposer
@@ -47,15 +47,7 @@ def test_joint_factors_are_the_scaled_svd_of_the_stacked_matrix():
     samples = make_samples(model)
     job = make_job(model, samples=samples, ranks=dict.fromkeys(TARGETS, 20))
     plan = QSVDDecomposer().decompose(job)
-    seen = []
-    h = job.projection(1, "q_proj").register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
-    )
-    with torch.no_grad():
-        for sample in samples:
-            model(**sample.inputs)
-    h.remove()
-    scale = torch.cat(seen).abs().mean(0).double().sqrt()  # s^α with α = 0.5
+    scale = projection_inputs(job, samples, 1).abs().mean(0).sqrt()  # s^α with α = 0.5
     W = torch.cat([job.weight(1, t) for t in TARGETS]).double()
     U, sig, Vh = torch.linalg.svd(W * scale, full_matrices=False)
     expected = (U[:, :20] * sig[:20]) @ Vh[:20] / scale

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from method_helpers import FAMILIES, TARGETS, make_job, make_samples
+from method_helpers import FAMILIES, TARGETS, make_job, make_samples, projection_inputs, rel
 from safetensors.torch import load_file, save_file
 
 from lowrank_kit.data.calibration import CalibrationSample
@@ -12,6 +12,7 @@ from lowrank_kit.errors import CalibrationError
 from lowrank_kit.methods import stats as stats_mod
 from lowrank_kit.methods.linalg import spectrum, whitening
 from lowrank_kit.methods.stats import (
+    GradientStats,
     ImportanceBasis,
     InputStats,
     StageRecorder,
@@ -29,10 +30,6 @@ FP32_SUMS = 1e-5
 
 def _recorder(job):
     return StageRecorder(job.reporter, job.device)
-
-
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
 
 
 def test_answer_loss_is_teacher_forced_like_the_models_own_loss():
@@ -77,30 +74,17 @@ def test_input_stats_match_the_inputs_each_projection_sees(family):
     samples = make_samples(model, n=2)
     job = make_job(model, samples=samples)
     stats = collect_input_stats(job, _recorder(job))
-    seen = {}
-    handles = []
+    seen = {(layer, t): projection_inputs(job, samples, layer, t) for layer in job.layers for t in TARGETS}
     for layer in job.layers:
-        for t in TARGETS:
-
-            def hook(_m, args, key=(layer, t)):
-                seen.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
-
-            handles.append(job.projection(layer, t).register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for s in samples:
-            model(**s.inputs)
-    for h in handles:
-        h.remove()
-    for layer in job.layers:
-        X = torch.cat(seen[(layer, "q_proj")])
+        X = seen[(layer, "q_proj")]
         for t in ("k_proj", "v_proj"):
-            assert torch.equal(torch.cat(seen[(layer, t)]), X)
+            assert torch.equal(seen[(layer, t)], X)
         assert stats.tokens == X.shape[0]
-        assert _rel(stats.gram[layer], X.T @ X / X.shape[0]) < FP32_SUMS
-        assert _rel(stats.abs_mean[layer], X.abs().mean(0)) < FP32_SUMS
+        assert rel(stats.gram[layer], X.T @ X / X.shape[0]) < FP32_SUMS
+        assert rel(stats.abs_mean[layer], X.abs().mean(0)) < FP32_SUMS
 
 
-def test_input_stats_round_trip_through_safetensors(tmp_path):
+def test_statistics_round_trip_through_safetensors(tmp_path):
     model = build_tiny_model("llava")
     job = make_job(model, samples=make_samples(model, n=1))
     stats = collect_input_stats(job, _recorder(job))
@@ -109,6 +93,15 @@ def test_input_stats_round_trip_through_safetensors(tmp_path):
     assert back.tokens == stats.tokens
     assert all(torch.equal(back.gram[i], stats.gram[i]) for i in stats.gram)
     assert all(torch.equal(back.abs_mean[i], stats.abs_mean[i]) for i in stats.abs_mean)
+    W = job.weight(0, "k_proj").view(job.info.num_kv_heads, job.info.head_dim, -1)
+    basis = ImportanceBasis(spectrum(W, whitening(stats.gram[0])), ("k_proj",))
+    grads = collect_gradient_stats(job, _recorder(job), bases={(0, "k_proj"): basis})
+    save_file(grads.state_dict(), tmp_path / "grads.safetensors")
+    again = GradientStats.from_state_dict(load_file(tmp_path / "grads.safetensors"))
+    assert (again.samples, again.mean_loss) == (grads.samples, pytest.approx(grads.mean_loss))
+    assert set(again.fisher) == set(grads.fisher) and set(again.importance) == {(0, "k_proj")}
+    assert all(torch.equal(again.fisher[k], grads.fisher[k]) for k in grads.fisher)
+    assert torch.equal(again.importance[(0, "k_proj")], grads.importance[(0, "k_proj")])
 
 
 def _reference_grads(model, samples, layer, target):
@@ -141,7 +134,7 @@ def test_fisher_and_importance_match_per_sample_autograd(family):
     ref = _reference_grads(model, samples, 1, "k_proj")
     fisher_ref = torch.stack([g * g for g in ref]).mean(0)
     assert grads.fisher[(1, "k_proj")].dtype == torch.float32
-    assert _rel(grads.fisher[(1, "k_proj")], fisher_ref) < FP32_SUMS
+    assert rel(grads.fisher[(1, "k_proj")], fisher_ref) < FP32_SUMS
     assert set(grads.fisher) == {(layer, t) for layer in job.layers for t in TARGETS}
     # I_i = σ_i sqrt(mean_n (u_iᵀ G_n S^{-ᵀ} v_i)²), one head and one index at a time.
     d = job.info.head_dim
@@ -212,7 +205,7 @@ def test_fp16_gradients_are_loss_scaled_and_back_off_on_overflow(monkeypatch):
     for key, f in ref.fisher.items():
         assert torch.isfinite(got.fisher[key]).all()
         # fp16 forward and backward: ~1e-2 relative on squared gradients.
-        assert _rel(got.fisher[key], f) < 5e-2
+        assert rel(got.fisher[key], f) < 5e-2
 
 
 def test_stage_recorder_records_time_and_memory():

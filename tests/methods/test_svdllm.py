@@ -1,25 +1,12 @@
 """svdllm: whitened truncation, the output-error optimum on the calibration inputs."""
 
 import pytest
-import torch
-from method_helpers import TARGETS, make_job, make_samples
+from method_helpers import TARGETS, make_job, make_samples, projection_inputs
 
 from lowrank_kit.methods.asvd import ASVDDecomposer
 from lowrank_kit.methods.svd import SVDDecomposer
 from lowrank_kit.methods.svdllm import SVDLLMConfig, SVDLLMDecomposer
 from lowrank_kit.models.tiny import build_tiny_model
-
-
-def _inputs(job, samples, layer):
-    seen = []
-    h = job.projection(layer, "q_proj").register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
-    )
-    with torch.no_grad():
-        for s in samples:
-            job.model(**s.inputs)
-    h.remove()
-    return torch.cat(seen).double()
 
 
 def test_whitened_truncation_has_the_lowest_output_error_on_calibration_inputs():
@@ -32,7 +19,7 @@ def test_whitened_truncation_has_the_lowest_output_error_on_calibration_inputs()
         "asvd": ASVDDecomposer().decompose(job),
     }
     for layer in job.layers:
-        X = _inputs(job, samples, layer)
+        X = projection_inputs(job, samples, layer)
         for t in TARGETS:
             W = job.weight(layer, t).double()
             err = {}
