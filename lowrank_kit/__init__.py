@@ -50,3 +50,10 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
+
+
+# `from_pretrained` of a compressed checkpoint needs lowrank_kit's quantizer in transformers' registry;
+# this registers it once transformers loads that registry, without importing transformers here.
+from lowrank_kit import hf_hook as _hf_hook  # noqa: E402
+
+_hf_hook.install()

@@ -1,50 +1,154 @@
 """Compressed checkpoints: a transformers-style directory plus the low-rank structure.
 
-Layout: ``config.json`` (the original config with a ``lowrank_config`` block: format version, resolved
-recipe, per-layer/per-head ranks), ``model.safetensors`` (factors and every other weight; shared latents
-stored once), the processor/tokenizer files, ``lowrank_report.json``, ``recipe.yaml`` and
-``lowrank_manifest.json`` (sha256 of every file, verified at load). No pickle anywhere.
+Layout:
 
-Writes go to a temporary directory beside the target, renamed into place only when complete.
+- ``config.json``: the original config plus
+  ``lowrank_config`` (format version, adapter, resolved recipe, per-layer/per-head ranks under
+  ``structure``, the quantization scheme and per-module quantized layout) and
+  ``quantization_config: {"quant_method": "lowrank", "format_version": N}``, through which
+  ``from_pretrained`` finds :mod:`lowrank_kit.hf_integration`;
+- ``model.safetensors``: factors, quantized weights with their scales, and every other weight (a
+  shared latent is stored once);
+- the processor/tokenizer files and ``generation_config.json``;
+- ``lowrank_report.json`` (what was done, ρ1/ρ2, sizes on disk), ``recipe.yaml``;
+- ``lowrank_manifest.json``: the sha256 of every other file, verified at load.
+
+No pickle anywhere. Writes go to a hidden temporary directory beside the target and are renamed into
+place only when every file is written and synced; a failure leaves the target as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_model
+from torch import nn
 
 from lowrank_kit.errors import CheckpointError, LowRankError
 
 FORMAT_VERSION = 1
 CONFIG_KEY = "lowrank_config"
+QUANT_METHOD = "lowrank"
 WEIGHTS = "model.safetensors"
 MANIFEST = "lowrank_manifest.json"
 REPORT = "lowrank_report.json"
+RECIPE = "recipe.yaml"
 
 
+# -- safe writes -------------------------------------------------------------------------------------
 def check_output_available(output: str | Path, *, overwrite: bool) -> Path:
     out = Path(output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {str(out)!r} exists and is not a directory; choose another --output")
     if out.exists() and not overwrite:
         raise CheckpointError(
             f"output {str(out)!r} already exists; choose another --output or pass --overwrite"
         )
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(f"output {str(out)!r} exists and is not a directory")
-    if not out.parent.exists():
-        raise CheckpointError(f"the parent directory of output {str(out)!r} does not exist")
+    if not out.parent.is_dir():
+        raise CheckpointError(f"the parent directory of output {str(out)!r} does not exist; create it first")
     return out
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+_SIDE_DIR = re.compile(r"^\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _recover_stale(target: Path) -> None:
+    """Clean up after a writer of ``target`` that was killed: drop its partial directory, and put back
+    the previous checkpoint if the kill fell between moving it aside and moving the new one in."""
+    for side in target.parent.iterdir():
+        m = _SIDE_DIR.match(side.name)
+        if m is None or m["name"] != target.name or _pid_alive(int(m["pid"])):
+            continue
+        if m["kind"] == "old" and not target.exists():
+            os.replace(side, target)
+        else:
+            shutil.rmtree(side, ignore_errors=True)
+
+
+def _side_path(target: Path, kind: str) -> Path:
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(err: OSError, target: Path) -> CheckpointError:
+    if err.errno == errno.ENOSPC:
+        what = "no space left on the device"
+    elif err.errno == errno.EDQUOT:
+        what = "the disk quota is exceeded"
+    else:
+        what = err.strerror or str(err)
+    return CheckpointError(
+        f"cannot write checkpoint {str(target)!r}: {what} ({err.filename or 'while writing'}); nothing was "
+        "written and any existing checkpoint there is untouched; free space or choose another --output"
+    )
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``target``; rename it to ``target`` only if the block succeeds.
+
+    On any failure (an exception, a full disk, Ctrl-C) the temporary directory is removed and ``target``
+    is left as it was. A process killed outright cannot clean up; the next write to the same target
+    removes what it left (and restores a previous checkpoint it had moved aside).
+    """
+    target = Path(target)
+    _recover_stale(target)
+    tmp = _side_path(target, "partial")
+    try:
+        tmp.mkdir()
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+        if target.exists():
+            if not overwrite:
+                raise CheckpointError(
+                    f"output {str(target)!r} appeared while writing; pass --overwrite to replace it"
+                )
+            old = _side_path(target, "old")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, target)
+        _fsync(target.parent)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(err, target) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# -- writing -----------------------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -57,33 +161,30 @@ def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-@contextlib.contextmanager
-def atomic_directory(target: Path, *, overwrite: bool):
-    """Yield a temporary directory beside ``target``; rename it to ``target`` only if the block succeeds."""
-    tmp = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        if target.exists():
-            if not overwrite:
-                raise CheckpointError(
-                    f"output {str(target)!r} appeared while writing; pass --overwrite to replace it"
-                )
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the model's state dict, each shared tensor counted once (what safetensors would store)."""
+    seen: set[tuple[int, int, int, torch.dtype]] = set()
+    total = 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
 
 
 def save_compressed(result, output: str | Path, *, overwrite: bool = False, source: Any = None) -> Path:
-    """Write a :class:`~lowrank_kit.pipeline.CompressionResult` to ``output`` atomically."""
+    """Write a :class:`~lowrank_kit.pipeline.CompressionResult` to ``output`` atomically.
+
+    Adds ``disk_bytes`` (the weights file), ``checkpoint_bytes`` (every file) and ``disk_ratio``
+    (``disk_bytes`` over ``original_weight_bytes``, the uncompressed model's weights in the same dtype)
+    to ``result.report``.
+    """
+    from safetensors.torch import save_model
+
     target = check_output_available(output, overwrite=overwrite)
     model = result.model
+    report = result.report
     with atomic_directory(target, overwrite=overwrite) as tmp:
         model.config.save_pretrained(tmp)
         config_path = tmp / "config.json"
@@ -92,11 +193,16 @@ def save_compressed(result, output: str | Path, *, overwrite: bool = False, sour
             "format_version": FORMAT_VERSION,
             "adapter": result.adapter.name,
             "recipe": result.recipe.to_dict(),
-            "structure": result.report["ranks"],
-            "quantization": result.report.get("quant"),
+            "structure": report["ranks"],
+            "quantization": report.get("quant"),
+            "quantized_modules": quantized_structure(model),
             "source": None if source is None else str(source),
         }
+        config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
         _write_json(config_path, config)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
         save_model(
             model,
             str(tmp / WEIGHTS),
@@ -104,47 +210,92 @@ def save_compressed(result, output: str | Path, *, overwrite: bool = False, sour
         )
         if result.processor is not None:
             result.processor.save_pretrained(tmp)
-        (tmp / "recipe.yaml").write_text(result.recipe.to_yaml(), encoding="utf-8")
-        _write_json(tmp / REPORT, result.report)
+        (tmp / RECIPE).write_text(result.recipe.to_yaml(), encoding="utf-8")
+        report["disk_bytes"] = (tmp / WEIGHTS).stat().st_size
+        original = report.get("original_weight_bytes")
+        report["disk_ratio"] = report["disk_bytes"] / original if original else None
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        report["checkpoint_bytes"] = sum(p.stat().st_size for p in files)
+        _write_json(tmp / REPORT, report)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         _write_json(tmp / MANIFEST, {str(p.relative_to(tmp)): _sha256(p) for p in files})
     return target
 
 
-def read_lowrank_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{str(path)!r} is not a checkpoint directory: config.json is missing")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{str(cfg_path)!r} is corrupt: {err}") from None
-    block = config.get(CONFIG_KEY)
-    if block is None:
+# -- reading -----------------------------------------------------------------------------------------
+def check_format_version(version: Any, where: str) -> int:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CheckpointError(
-            f"{str(path)!r} is not a lowrank_kit checkpoint (no {CONFIG_KEY!r} in config.json)"
+            f"{where} has an invalid lowrank format_version {version!r}; expected an integer"
         )
-    version = block.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{str(path)!r} was written by checkpoint format version {version}; this lowrank_kit reads up to "
+            f"{where} was written by checkpoint format version {version}; this lowrank_kit reads up to "
             f"version {FORMAT_VERSION}: upgrade lowrank_kit"
         )
+    return version
+
+
+def _check_block(block: Any, where: str) -> dict[str, Any]:
+    if not isinstance(block, dict):
+        raise CheckpointError(f"{where} has a {CONFIG_KEY!r} entry that is not a mapping")
+    check_format_version(block.get("format_version"), where)
+    if not isinstance(block.get("structure"), dict):
+        raise CheckpointError(f"{where}: {CONFIG_KEY} has no 'structure' mapping")
     return block
 
 
-def verify_manifest(path: Path) -> None:
+def read_lowrank_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(
+            f"{str(path)!r} is not a checkpoint directory: config.json is missing; pass the directory that "
+            "`lowrank compress` wrote"
+        )
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{str(cfg_path)!r} is corrupt or truncated (not valid JSON: {err})") from None
+    if not isinstance(config, dict) or CONFIG_KEY not in config:
+        raise CheckpointError(
+            f"{str(path)!r} is not a lowrank_kit checkpoint (no {CONFIG_KEY!r} in config.json); load an "
+            "uncompressed model with lowrank_kit.load_model"
+        )
+    return _check_block(config[CONFIG_KEY], repr(str(path)))
+
+
+def lowrank_block(config: Any, where: str) -> dict[str, Any]:
+    """The ``lowrank_config`` block of a transformers config (transformers keeps unknown keys as attributes)."""
+    block = getattr(config, CONFIG_KEY, None)
+    if block is None:
+        raise CheckpointError(
+            f"{where!r} declares quant_method 'lowrank' but its config.json has no {CONFIG_KEY!r} block"
+        )
+    return _check_block(block, repr(where))
+
+
+def verify_manifest(path: Path, only: list[str] | None = None) -> None:
+    """Check the sha256 of the files in the manifest (``only``: just these of them)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(
             f"{str(path)!r} has no {MANIFEST}; it was not written completely by lowrank_kit"
         )
-    manifest = json.loads(manifest_path.read_text())
-    for rel, digest in manifest.items():
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(
+            f"checkpoint file {str(manifest_path)!r} is corrupt or truncated ({err})"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"checkpoint file {str(manifest_path)!r} is corrupt (not a mapping)")
+    for rel in only if only is not None else sorted(manifest):
         f = path / rel
+        if rel not in manifest:
+            raise CheckpointError(f"checkpoint file {str(f)!r} is not listed in {MANIFEST}")
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {str(f)!r} is missing")
-        if _sha256(f) != digest:
+        if _sha256(f) != manifest[rel]:
             raise CheckpointError(f"checkpoint file {str(f)!r} is corrupt or truncated (checksum mismatch)")
 
 
@@ -154,49 +305,82 @@ def is_compressed_checkpoint(path: str | Path) -> bool:
         return False
     try:
         return CONFIG_KEY in json.loads((p / "config.json").read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         return False
 
 
-def load(path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
-    """Load a compressed checkpoint; returns a :class:`~lowrank_kit.models.loading.LoadedModel`."""
+# -- structure ---------------------------------------------------------------------------------------
+def compressed_module_types() -> tuple[type[nn.Module], ...]:
+    from lowrank_kit.modules import LOW_RANK_MODULES
+
+    return tuple(LOW_RANK_MODULES)
+
+
+def quantized_structure(model: nn.Module) -> dict[str, Any]:
+    """Per-module layout of quantized modules (empty when nothing is stored quantized)."""
+    return {}
+
+
+def install_structure(model: nn.Module, block: dict[str, Any]) -> nn.Module:
+    """Replace the model's projections by empty modules of the layout ``block`` describes."""
+    from lowrank_kit.models.loading import adapter_for_config
+    from lowrank_kit.surgery import build_structure
+
+    adapter = adapter_for_config(model.config)
+    try:
+        build_structure(model, adapter, block["structure"])
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise CheckpointError(f"the {CONFIG_KEY} structure of this checkpoint is invalid: {err}") from None
+    return model
+
+
+def load(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load a compressed checkpoint; returns a :class:`~lowrank_kit.models.loading.LoadedModel`.
+
+    Every file's checksum is verified first; the model is then built by transformers' ``from_pretrained``
+    (through :mod:`lowrank_kit.hf_integration`), and any weight it did not find is an error.
+    """
     import transformers
 
+    from lowrank_kit.hf_integration import manifest_already_verified
     from lowrank_kit.models.loading import LoadedModel, adapter_for_config, load_processor
-    from lowrank_kit.surgery import build_structure
 
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
-    block = read_lowrank_config(p)
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {str(p)!r} is a file; pass the directory that holds config.json")
+    read_lowrank_config(p)
     verify_manifest(p)
-    config = transformers.AutoConfig.from_pretrained(p)
+    config = transformers.AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
     adapter = adapter_for_config(config)
     cls = getattr(transformers, adapter.model_class, None)
     if cls is None:
         raise CheckpointError(
-            f"{str(p)!r} needs transformers.{adapter.model_class}, which transformers {transformers.__version__} lacks"
+            f"{str(p)!r} needs transformers.{adapter.model_class}, which transformers "
+            f"{transformers.__version__} lacks; upgrade transformers"
         )
-    model = cls._from_config(config, dtype=dtype or config.get_text_config().dtype or torch.float32)
-    build_structure(model, adapter, block["structure"])
-    try:
-        state = load_file(str(p / WEIGHTS))
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"checkpoint file {str(p / WEIGHTS)!r} is corrupt: {err}") from None
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    # Shared latents are saved under one of their names; the others alias the same tensor.
-    aliases = {id(t): k for k, t in expected.items() if k in state}
-    unresolved = [k for k in missing if id(expected[k]) not in aliases]
-    unexpected = [k for k in state if k not in expected]
-    if unresolved or unexpected:
-        raise CheckpointError(
-            f"checkpoint {str(p)!r} does not match its structure: missing {unresolved[:3]}, unexpected {unexpected[:3]}"
+    with manifest_already_verified(p):
+        model, info = cls.from_pretrained(
+            p,
+            config=config,
+            dtype=dtype or "auto",
+            output_loading_info=True,
+            trust_remote_code=trust_remote_code,
         )
-    model.load_state_dict(state, strict=False)
+    problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        found = "; ".join(f"{k.replace('_', ' ')} {v[:3]}" for k, v in problems.items() if v)
+        raise CheckpointError(f"checkpoint {str(p)!r} does not match its model class: {found}")
     model.to(device).eval()
     try:
-        processor = load_processor(p)
+        processor = load_processor(p, trust_remote_code=trust_remote_code)
     except LowRankError:
         processor = None
     return LoadedModel(model=model, processor=processor, adapter=adapter, config=config, spec=str(p), path=p)

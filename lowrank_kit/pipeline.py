@@ -100,6 +100,7 @@ def compress(
     ``calibration`` (a list of :class:`~lowrank_kit.data.calibration.CalibrationSample`) is built from the
     recipe's calibration spec when a step needs it and none is given (this needs ``processor``).
     """
+    from lowrank_kit.checkpoint import state_bytes
     from lowrank_kit.models.loading import adapter_for_config
     from lowrank_kit.registry import get_decomposer, get_quantizer
 
@@ -110,6 +111,7 @@ def compress(
     device = torch.device(device) if device is not None else _model_device(model)
     timer = StageTimer()
     params_before = count_parameters(model)
+    weight_bytes_before = state_bytes(model)
 
     if needs_calibration(recipe) and calibration is None:
         if processor is None:
@@ -192,6 +194,8 @@ def compress(
             "original_cache_elements_per_token": ratios.original_cache_elements_per_token,
             "params_before": params_before,
             "params_after": count_parameters(model),
+            "original_weight_bytes": weight_bytes_before,
+            "weight_bytes": state_bytes(model),
             "ranks": describe_structure(model, adapter),
             "stages": timer.stages,
             "seconds": round(time.perf_counter() - t_start, 4),
