@@ -1,0 +1,44 @@
+"""Helpers for the checkpoint tests: compress a tiny model, save it, read greedy tokens."""
+
+import pytest
+import torch
+
+from lowrank_kit.data.calibration import CalibrationSample
+from lowrank_kit.models.tiny import TINY_FAMILIES, build_tiny_model, family_available, tiny_inputs
+
+FAMILIES = [
+    pytest.param(
+        f,
+        marks=pytest.mark.skipif(
+            not family_available(f), reason=f"this transformers lacks the {f} model class"
+        ),
+    )
+    for f in TINY_FAMILIES
+]
+DECOMPOSERS = ("svd", "asvd", "svdllm", "qsvd", "wsvd")
+NEW_TOKENS = 6
+
+
+def samples_for(model, n: int = 2, answer_tokens: int = 3) -> list[CalibrationSample]:
+    """``n`` calibration samples of the tiny model's inputs whose last positions are the answer."""
+    out = []
+    for i in range(n):
+        inputs = tiny_inputs(model, seed=100 + i)
+        labels = torch.full_like(inputs["input_ids"], -100)
+        labels[:, -answer_tokens:] = inputs["input_ids"][:, -answer_tokens:]
+        out.append(CalibrationSample(inputs, labels))
+    return out
+
+
+def compressed(family: str, method: str = "svd", ratio: float = 0.6, quant: str | None = None, seed: int = 0):
+    """A tiny ``family`` model compressed in memory (a CompressionResult)."""
+    import lowrank_kit
+
+    model = build_tiny_model(family, seed=seed)
+    recipe = lowrank_kit.recipe_from_flags(model=family, method=method, ratio=ratio, quant=quant)
+    return lowrank_kit.compress(model, recipe, calibration=samples_for(model))
+
+
+def greedy(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
