@@ -1,0 +1,3 @@
+"""Compute kernels. Each op lives in ``kernels/<op>/`` with a plain PyTorch twin (``naive.py``, the ground
+truth) next to its Triton implementation (``triton.py``); Triton is imported only when a kernel runs on a
+GPU or under ``TRITON_INTERPRET=1``, never by ``import lowrank_kit``."""

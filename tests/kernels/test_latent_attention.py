@@ -1,0 +1,381 @@
+"""Latent-attention decode: the Triton kernel against its naive twin (under TRITON_INTERPRET=1 on a
+machine without a GPU), the naive twin against dense attention, layouts, int8 latents and input errors.
+
+Shapes are chosen to break lazy kernels: sequence lengths 1, 63 and 1000, ranks 17 and 48 mixed across
+heads, GQA 7:1 and 4:1, rows of different lengths with left padding, M-RoPE, int8 latents, shared and
+grouped latents. Every output buffer (and every split partial) starts as NaN.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lowrank_kit.errors import LowRankError
+from lowrank_kit.kernels.latent_attention import (
+    LatentKV,
+    LatentLayout,
+    LatentWeights,
+    RopeSpec,
+    latent_attention_decode,
+    naive,
+    quantize_int8,
+)
+from lowrank_kit.kernels.latent_attention.testing import make_problem, relative_error, rope_inv_freq
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Relative-error tolerances against the fp32 reference computed from the same cached latents:
+# fp16: K, scores and probabilities are rounded to fp16 (11-bit mantissa) before the dots, measured ~5e-4.
+# bf16: the same roundings with an 8-bit mantissa, measured ~1.3e-2.
+# fp32: exact fp32 arithmetic under the interpreter; on a GPU the dots run in tf32 (10-bit mantissa).
+TOL = {
+    torch.float16: 3e-3,
+    torch.bfloat16: 4e-2,
+    torch.float32: 5e-3 if DEVICE == "cuda" else 1e-5,
+}
+
+
+def run_both(p):
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    out = torch.full(
+        (p.q.shape[0], p.w.num_heads, p.w.out_width), float("nan"), dtype=p.q.dtype, device=DEVICE
+    )
+    triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, out=out, poison_workspace=True)
+    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
+    return out, ref
+
+
+CASES = {
+    "len1": dict(num_heads=4, num_kv_heads=2, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(1, 1)),
+    "len63_gqa7_leftpad": dict(
+        num_heads=14, num_kv_heads=2, k_ranks=(17, 48), v_ranks=(24, 17), lengths=(63, 40), left_pad=(0, 9)
+    ),
+    "len1000_gqa4": dict(
+        num_heads=4, num_kv_heads=1, k_ranks=(17,), v_ranks=(16,), lengths=(1000, 611), left_pad=(0, 300)
+    ),
+    "int8_bias_gqa4": dict(
+        batch=3,
+        num_heads=8,
+        num_kv_heads=2,
+        k_ranks=(17, 48),
+        v_ranks=(48, 17),
+        lengths=(63, 1, 30),
+        left_pad=(0, 5, 2),
+        int8=True,
+        bias=True,
+    ),
+    "mrope_bias_gqa7": dict(
+        num_heads=14,
+        num_kv_heads=2,
+        k_ranks=(48, 17),
+        v_ranks=(17, 48),
+        lengths=(63, 20),
+        left_pad=(0, 3),
+        bias=True,
+        mrope_section=(4, 6, 6),
+    ),
+    "bf16": dict(
+        num_heads=4,
+        num_kv_heads=2,
+        k_ranks=(17, 48),
+        v_ranks=(48, 17),
+        lengths=(63, 17),
+        dtype=torch.bfloat16,
+    ),
+    "fp32": dict(
+        num_heads=4, num_kv_heads=2, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(63, 17), dtype=torch.float32
+    ),
+    "qknorm_per_head_int8": dict(
+        num_heads=4,
+        num_kv_heads=2,
+        k_ranks=(17, 48),
+        v_ranks=(48, 17),
+        lengths=(63, 33),
+        int8=True,
+        bias=True,
+        qk_norm="per_head",
+    ),
+    "qknorm_full": dict(
+        num_heads=4, num_kv_heads=2, k_ranks=(48, 17), v_ranks=(17, 17), lengths=(40, 63), qk_norm="full"
+    ),
+    "shared": dict(
+        num_heads=4,
+        num_kv_heads=2,
+        k_ranks=(40,),
+        v_ranks=(33,),
+        lengths=(63, 21),
+        layout="shared",
+        bias=True,
+    ),
+    "shared_wide_chunked": dict(
+        num_heads=2, num_kv_heads=2, k_ranks=(200,), v_ranks=(300,), lengths=(37, 20), layout="shared"
+    ),
+    "grouped": dict(
+        num_heads=8,
+        num_kv_heads=4,
+        k_ranks=(24, 17),
+        v_ranks=(17, 48),
+        lengths=(63, 50),
+        layout="grouped",
+        heads_per_group=2,
+        int8=True,
+    ),
+    "empty_row": dict(num_heads=4, num_kv_heads=2, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(0, 20)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_naive(name):
+    spec = {"batch": 2, "head_dim": 32, "dtype": torch.float16, **CASES[name]}
+    for seed in (0, 1):  # fresh inputs per check: the kernel must compute the same function on any input
+        p = make_problem(seed=seed, device=DEVICE, **spec)
+        out, ref = run_both(p)
+        assert torch.isfinite(out).all(), f"{name}: unwritten (NaN) or non-finite outputs"
+        err = relative_error(out, ref)
+        assert err < TOL[spec["dtype"]], f"{name} seed {seed}: relative error {err:.2e}"
+
+
+def test_empty_row_is_zero_and_padding_columns_are_zero():
+    p = make_problem(
+        batch=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        k_ranks=(17, 48),
+        v_ranks=(48, 17),
+        lengths=(0, 20),
+        device=DEVICE,
+    )
+    out, _ = run_both(p)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    # KV head 1's V group is 17 wide (24 packed); its query heads 2, 3 have zeros past column 24.
+    assert torch.equal(out[1, 2:, 24:], torch.zeros_like(out[1, 2:, 24:]))
+    assert out[1, 2:, :17].abs().sum() > 0
+
+
+def test_split_count_does_not_change_the_result():
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    p = make_problem(
+        batch=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        k_ranks=(17, 48),
+        v_ranks=(48, 17),
+        lengths=(200, 150),
+        device=DEVICE,
+    )
+    base = triton_impl.launch_config(2, 2, p.max_len, p.w, p.q.device)
+    outs = []
+    for split_len in (base.block_n, 4 * base.block_n, 256):  # many splits, a few, one (direct write)
+        cfg = triton_impl.LaunchConfig(
+            base.block_n, base.num_warps, base.num_stages, base.rank_chunk, base.v_chunk, split_len
+        )
+        outs.append(triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, config=cfg).float())
+    # Splits change only the order of fp32 accumulation (and one fp16 rounding of the output).
+    assert relative_error(outs[0], outs[2]) < 2e-3
+    assert relative_error(outs[1], outs[2]) < 2e-3
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * torch.cat([cos, cos], -1) + rot * torch.cat([sin, sin], -1)
+
+
+def test_naive_matches_dense_attention_on_rebuilt_keys_and_values():
+    """The twin's definition, checked against attention written out head by head from dense K and V."""
+    torch.manual_seed(0)
+    b, hq, hkv, d, s = 2, 6, 2, 16, 9
+    k_ranks, v_ranks = (5, 7), (3, 8)
+    kl, vl = LatentLayout.per_head(k_ranks, 4), LatentLayout.per_head(v_ranks, 4)
+    uk = [torch.randn(r, d, dtype=torch.float64) for r in k_ranks]
+    uv = [torch.randn(r, d, dtype=torch.float64) for r in v_ranks]
+    bias = torch.randn(hkv, d, dtype=torch.float64)
+    rope = RopeSpec(rope_inv_freq(d), 1.3, (2, 3, 3))
+    w = LatentWeights(kl, vl, kl.up_rows(uk).float(), rope, hq, 0.37, bias.float(), "per_head")
+    ck = [torch.randn(b, s, r, dtype=torch.float64) for r in k_ranks]
+    cv = [torch.randn(b, s, r, dtype=torch.float64) for r in v_ranks]
+    pos = torch.randint(0, 100, (b, s, 3), dtype=torch.int32)
+    norm = torch.rand(b, s, hkv) + 0.5
+    kv = LatentKV(kl.pack(torch.cat(ck, -1)).float(), vl.pack(torch.cat(cv, -1)).float(), pos, k_norm=norm)
+    q = torch.randn(b, hq, d)
+    starts, ends = torch.tensor([0, 2], dtype=torch.int32), torch.tensor([9, 7], dtype=torch.int32)
+    out = naive.latent_attention_decode(q, kv, w, starts, ends)
+
+    sec = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
+    for bi in range(b):
+        lo, hi = int(starts[bi]), int(ends[bi])
+        ang = pos[bi, lo:hi][:, sec].double() * rope.inv_freq.double()
+        cos, sin = ang.cos() * 1.3, ang.sin() * 1.3
+        for h in range(hq):
+            j = h // (hq // hkv)
+            k = (ck[j][bi, lo:hi] @ uk[j] + bias[j]) * norm[bi, lo:hi, j, None].double()
+            k = _rotate(k, cos, sin)
+            p = torch.softmax((k @ q[bi, h].double()) * 0.37, dim=0)
+            dense = p @ (cv[j][bi, lo:hi] @ uv[j])
+            from_latent = out[bi, h, : v_ranks[j]].double() @ uv[j]
+            assert torch.allclose(from_latent, dense, rtol=1e-4, atol=1e-4)  # fp32 twin vs fp64 here
+
+
+def test_layout_widths_offsets_and_packing():
+    lay = LatentLayout.per_head((17, 48, 5), align=8)
+    assert lay.widths == (24, 48, 8)
+    assert lay.offsets == (0, 24, 72)
+    assert lay.row_width == 80  # 80 = Σ widths rounded up to 16 elements
+    x = torch.arange(1, 71, dtype=torch.float32)[None]
+    packed = lay.pack(x)
+    assert torch.equal(packed[0, :17], x[0, :17])
+    assert torch.equal(packed[0, 24:72], x[0, 17:65])
+    assert torch.equal(packed[0, 72:77], x[0, 65:70])
+    assert packed[0, 17:24].abs().sum() == 0 and packed[0, 77:].abs().sum() == 0
+    shared = LatentLayout.shared(40, 4, 8)
+    assert shared.head_group == (0, 0, 0, 0) and shared.row_width == 48
+    grouped = LatentLayout.grouped((8, 16), 2, 8)
+    assert grouped.head_group == (0, 0, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(ranks=(4, 0), head_group=(0, 1)), "rank >= 1"),
+        (dict(ranks=(4,), head_group=(0, 1)), "must name groups 0..0"),
+        (dict(ranks=(4,), head_group=(0,), align=0), "align must be at least 1"),
+    ],
+)
+def test_layout_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LatentLayout(**kwargs)
+
+
+def test_pack_and_up_rows_reject_wrong_shapes():
+    lay = LatentLayout.per_head((3, 5), 4)
+    with pytest.raises(ValueError, match="expects Σ ranks = 8"):
+        lay.pack(torch.zeros(2, 7))
+    with pytest.raises(ValueError, match="expected \\(5, 16\\)"):
+        lay.up_rows([torch.zeros(3, 16), torch.zeros(4, 16)])
+
+
+def test_int8_quantization_is_per_token_and_group():
+    lay = LatentLayout.per_head((17, 48), 16)
+    x = lay.pack(torch.randn(3, 5, 65) * torch.tensor([0.01] * 17 + [10.0] * 48))
+    x[0, 0] = 0.0  # an all-zero token keeps finite scales
+    q, s = quantize_int8(x, lay)
+    assert q.dtype == torch.int8 and s.shape == (3, 5, 2)
+    deq = torch.cat([q[..., :32].float() * s[..., :1], q[..., 32:].float() * s[..., 1:]], -1)
+    # Symmetric rounding: every element within half a step of its group's scale.
+    step = torch.cat([s[..., :1].expand(-1, -1, 32), s[..., 1:].expand(-1, -1, 48)], -1)
+    assert ((deq - x).abs() <= step / 2 + 1e-7).all()
+    assert torch.equal(s[0, 0], torch.ones(2))
+    # The small group's scale is not dragged up by the large one (token (0, 0) is the zero token).
+    assert s[1:, :, 0].max() < 0.001 and s[0, 1:, 0].max() < 0.001
+
+
+def test_rope_spec_rejects_sections_that_do_not_cover_the_frequencies():
+    with pytest.raises(ValueError, match="sums to 15"):
+        RopeSpec(rope_inv_freq(32), 1.0, (4, 5, 6))
+
+
+def _problem():
+    return make_problem(
+        batch=2, num_heads=4, num_kv_heads=2, head_dim=32, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(5, 3)
+    )
+
+
+def _mutate(p, what):
+    kv = p.kv
+    if what == "q_rank":
+        p.q = p.q[0]
+    elif what == "q_heads":
+        p.q = torch.zeros(2, 3, 32, dtype=torch.float16)
+    elif what == "k_dtype":
+        kv.k = kv.k.to(torch.float64)
+    elif what == "k_width":
+        kv.k = kv.k[:, :, :-16]
+    elif what == "mixed_int8":
+        kv.k = kv.k.to(torch.int8)
+    elif what == "scale_on_fp16":
+        kv.k_scale = torch.ones(2, 5, 2)
+    elif what == "dtype_mismatch":
+        kv.k, kv.v = kv.k.float(), kv.v.float()
+    elif what == "positions":
+        kv.positions = kv.positions.long()
+    elif what == "norm_missing":
+        p.w.qk_norm = "full"
+    elif what == "starts":
+        p.starts = p.starts.long()
+    return p
+
+
+@pytest.mark.parametrize(
+    ("what", "match"),
+    [
+        ("q_rank", "q must be \\[batch, query heads, head_dim\\]"),
+        ("q_heads", "q has 3 heads of dim 32; the layer has 4 query heads"),
+        ("k_dtype", "k latents have dtype torch.float64; supported: float16, bfloat16, float32, int8"),
+        ("k_width", "k latents have shape \\(2, 5, 64\\); expected \\[2, capacity, 80\\]"),
+        ("mixed_int8", "k and v latents must both be int8 or neither"),
+        ("scale_on_fp16", "only int8 latents take scales"),
+        ("dtype_mismatch", "latents are torch.float32 but the up-projections are torch.float16"),
+        ("positions", "positions have shape .* and dtype torch.int64; expected \\[2, 5, 1\\] int32"),
+        ("norm_missing", "qk_norm='full' but k_norm was not given"),
+        ("starts", "starts must be \\[2\\] int32"),
+    ],
+)
+def test_decode_input_errors(what, match):
+    p = _mutate(_problem(), what)
+    with pytest.raises(LowRankError, match=match):
+        latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, backend="naive")
+
+
+def test_int8_without_scales_is_an_error():
+    p = make_problem(
+        batch=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        k_ranks=(17, 48),
+        v_ranks=(48, 17),
+        lengths=(5, 3),
+        int8=True,
+    )
+    p.kv.v_scale = None
+    with pytest.raises(LowRankError, match="int8 latents need v_scale \\[batch, capacity, 2\\] fp32"):
+        latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
+
+
+def test_unknown_backend_and_triton_without_gpu_or_interpreter(monkeypatch):
+    p = _problem()
+    with pytest.raises(
+        LowRankError, match="unknown latent-attention backend 'cuda'; available: auto, naive, triton"
+    ):
+        latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, backend="cuda")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(
+        LowRankError, match="the triton backend needs CUDA tensors \\(got cpu\\) or TRITON_INTERPRET=1"
+    ):
+        latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, backend="triton")
+
+
+def test_weights_validation():
+    kl = LatentLayout.per_head((8, 8), 8)
+    rope = RopeSpec(rope_inv_freq(32))
+    up = torch.zeros(2, 8, 32)
+    with pytest.raises(ValueError, match="5 query heads is not a multiple of 2 KV heads"):
+        LatentWeights(kl, kl, up, rope, 5, 0.1)
+    with pytest.raises(ValueError, match="head_dim 32 needs 16"):
+        LatentWeights(kl, kl, up, RopeSpec(rope_inv_freq(16)), 4, 0.1)
+    with pytest.raises(ValueError, match="qk_norm must be None, 'per_head' or 'full'"):
+        LatentWeights(kl, kl, up, rope, 4, 0.1, qk_norm="rms")
+
+
+def test_importing_the_package_does_not_import_triton():
+    code = (
+        "import sys, lowrank_kit, lowrank_kit.kernels.latent_attention; "
+        "assert 'triton' not in sys.modules, 'triton was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
