@@ -203,11 +203,9 @@ def save_compressed(result, output: str | Path, *, overwrite: bool = False, sour
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)
-        save_model(
-            model,
-            str(tmp / WEIGHTS),
-            metadata={"format": "pt", "lowrank_format_version": str(FORMAT_VERSION)},
-        )
+        # One metadata entry only: safetensors writes the metadata map in hash order, so a second key
+        # would make two identical runs write different bytes (the format version is in config.json).
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if result.processor is not None:
             result.processor.save_pretrained(tmp)
         (tmp / RECIPE).write_text(result.recipe.to_yaml(), encoding="utf-8")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_kit.errors import CalibrationError
+from lowrank_kit.errors import CalibrationError, RecipeError
 from lowrank_kit.methods.base import DecomposeJob, QuantizeJob
 from lowrank_kit.models.base import ModelAdapter
 from lowrank_kit.progress import NULL_REPORTER, Reporter
@@ -94,11 +94,14 @@ def compress(
     calibration: list | None = None,
     reporter: Reporter = NULL_REPORTER,
     device: torch.device | str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place by the steps of ``recipe`` and return it with a report.
 
     ``calibration`` (a list of :class:`~lowrank_kit.data.calibration.CalibrationSample`) is built from the
     recipe's calibration spec when a step needs it and none is given (this needs ``processor``).
+    ``cache_dir``: keep the calibration products there (:mod:`lowrank_kit.calib_cache`), so that a rerun
+    of an interrupted compression resumes; None computes everything.
     """
     from lowrank_kit.checkpoint import state_bytes
     from lowrank_kit.models.loading import adapter_for_config
@@ -124,6 +127,12 @@ def compress(
         with timer("calibration data", device):
             calibration = build_calibration(recipe.calibration, processor, adapter, reporter=reporter)
 
+    cache = None
+    if cache_dir is not None and needs_calibration(recipe):
+        from lowrank_kit.calib_cache import CalibrationCache
+
+        cache = CalibrationCache.for_run(cache_dir, model, recipe, calibration, device)
+
     report: dict[str, Any] = {"method": None, "quant": None, "decompose": {}, "quantize": {}}
     for step in recipe.steps:
         if isinstance(step, DecomposeStep):
@@ -142,6 +151,7 @@ def compress(
                 reporter=reporter,
                 device=device,
                 seed=recipe.calibration.seed,
+                cache=cache,
             )
             with timer(f"decompose ({step.method})", device):
                 plan = method.decompose(job)
@@ -178,6 +188,7 @@ def compress(
                     reporter=reporter,
                     device=device,
                     seed=recipe.calibration.seed,
+                    cache=cache,
                 )
                 with timer(f"quantize ({name})", device):
                     entries[name] = quantizer.quantize(qjob)
@@ -200,6 +211,7 @@ def compress(
             "stages": timer.stages,
             "seconds": round(time.perf_counter() - t_start, 4),
             "num_calibration_samples": len(calibration) if calibration is not None else 0,
+            "calibration_cache": cache.summary() if cache is not None else None,
         }
     )
     return CompressionResult(model=model, adapter=adapter, recipe=recipe, report=report, processor=processor)
@@ -214,14 +226,22 @@ def compress_to_directory(
     dtype: torch.dtype | None = None,
     device: str | None = None,
     trust_remote_code: bool = False,
+    cache_dir: str | Path | None = None,
+    use_cache: bool = True,
 ) -> CompressionResult:
-    """Load ``recipe.model``, compress it and write the checkpoint to ``output`` atomically."""
+    """Load ``recipe.model``, compress it and write the checkpoint to ``output`` atomically.
+
+    With ``use_cache`` the calibration products are kept in ``cache_dir`` (default
+    :func:`~lowrank_kit.calib_cache.default_cache_dir`), so that rerunning an interrupted compression
+    resumes where it stopped and writes the same checkpoint.
+    """
     from lowrank_kit.checkpoint import check_output_available, save_compressed
     from lowrank_kit.models.loading import load_model
 
     t0 = time.perf_counter()
     recipe = resolve_recipe(recipe)  # fail on bad names before any expensive work
     output = check_output_available(output, overwrite=overwrite)
+    cache_dir = _cache_location(cache_dir, use_cache)
     loaded = load_model(
         recipe.model,
         dtype=dtype,
@@ -236,9 +256,20 @@ def compress_to_directory(
         processor=loaded.processor,
         reporter=reporter,
         device=device,
+        cache_dir=cache_dir,
     )
     result.report["model"] = recipe.model
     result.report["seconds"] = round(time.perf_counter() - t0, 4)
     result.output = save_compressed(result, output, overwrite=overwrite, source=loaded.path)
     result.report["output"] = str(result.output)
     return result
+
+
+def _cache_location(cache_dir: str | Path | None, use_cache: bool) -> Path | None:
+    from lowrank_kit.calib_cache import default_cache_dir
+
+    if not use_cache:
+        if cache_dir is not None:
+            raise RecipeError("--no-cache and --cache-dir contradict each other; give one of them")
+        return None
+    return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()

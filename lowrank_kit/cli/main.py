@@ -154,6 +154,16 @@ def _summary_table(report: dict[str, Any]) -> Table:
     for stage in report.get("stages", []):
         table.add_row(f"time: {stage['stage']}", f"{stage['seconds']:.2f} s")
     table.add_row("wall time", f"{report['seconds']:.2f} s")
+    if report.get("disk_bytes") and report.get("original_weight_bytes"):
+        table.add_row(
+            "weights on disk (vs original)",
+            f"{report['disk_bytes'] / 2**20:,.2f} MiB ({report['disk_bytes'] / report['original_weight_bytes']:.1%})",
+        )
+    cache = report.get("calibration_cache")
+    if cache:
+        table.add_row(
+            "calibration cache", f"{len(cache['reused'])} reused, {len(cache['computed'])} computed"
+        )
     if report.get("output"):
         table.add_row("output", str(report["output"]))
     return table
@@ -183,6 +193,16 @@ def compress(
     ),
     trust_remote_code: bool = typer.Option(
         False, "--trust-remote-code", help="Allow remote-code models (Molmo v1)."
+    ),
+    no_cache: bool = typer.Option(
+        False, "--no-cache", help="Do not keep calibration products on disk (a rerun starts over)."
+    ),
+    cache_dir: Path | None = typer.Option(
+        None,
+        "--cache-dir",
+        help="Where calibration products are kept so that an interrupted run resumes "
+        "(default: $LOWRANK_CACHE_DIR or ~/.cache/lowrank_kit/calibration).",
+        file_okay=False,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
@@ -220,6 +240,8 @@ def compress(
         dtype=torch_dtype,
         device=device,
         trust_remote_code=trust_remote_code,
+        cache_dir=cache_dir,
+        use_cache=not no_cache,
     )
     report = result.report
     if as_json:
@@ -233,6 +255,8 @@ def compress(
                 "seconds": report["seconds"],
                 "params_before": report["params_before"],
                 "params_after": report["params_after"],
+                "disk_bytes": report.get("disk_bytes"),
+                "original_weight_bytes": report.get("original_weight_bytes"),
                 "cache_ratio_vs_fp16": report.get("quantize", {}).get("cache_ratio_vs_fp16", report["rho2"]),
                 "report": str(Path(report["output"]) / "lowrank_report.json"),
             }

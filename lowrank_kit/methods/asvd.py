@@ -15,8 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from pydantic import Field, field_validator
 
+from lowrank_kit.calib_cache import cached
 from lowrank_kit.methods.allocation import balanced_ranks, dense_rank, sensitivity_allocation, top_up
 from lowrank_kit.methods.base import DecomposeJob, Decomposer, LayerPlan, MethodConfig, Plan
 from lowrank_kit.methods.common import check_allocation, plan_rho1, ratio_of, requested_rank
@@ -131,12 +133,26 @@ class ASVDDecomposer(Decomposer):
             base = calibration_loss(job, probe)
             st.advance()
             for key in keys:
-                row = []
-                for rank in candidates[key]:
-                    f = spectra[key].factors(0, rank, cfg.beta)
-                    row.append(calibration_loss(job, probe, {key: f.A @ f.B}))
-                    st.advance()
-                losses[key] = row
+
+                def measure(key=key) -> dict[str, torch.Tensor]:
+                    row = []
+                    for rank in candidates[key]:
+                        f = spectra[key].factors(0, rank, cfg.beta)
+                        row.append(calibration_loss(job, probe, {key: f.A @ f.B}))
+                        st.advance()
+                    return {"losses": torch.tensor(row, dtype=torch.float64)}
+
+                # A resumed run reuses each matrix's measured losses (float64 keeps them exact).
+                parts = (
+                    "asvd_sensitivity",
+                    f"layer={key[0]}",
+                    key[1],
+                    f"ranks={candidates[key]}",
+                    len(probe),
+                )
+                done = st.completed
+                losses[key] = cached(job.cache, parts, measure)["losses"].tolist()
+                st.advance(len(candidates[key]) - (st.completed - done))
         unit = {key: sum(shapes[key]) for key in keys}
         budget = sum(ratio_of(job, key[1]) * shapes[key][0] * shapes[key][1] for key in keys)
         params = [[r * unit[key] for r in candidates[key]] for key in keys]

@@ -172,6 +172,37 @@ def collect_input_stats(
     samples = list(samples if samples is not None else job.calibration or [])
     if not samples:
         raise CalibrationError("no calibration samples to collect activation statistics from")
+    if job.cache is not None:
+        parts = ("input_stats", f"abs_mean={abs_mean}", f"gram={gram}", f"targets={job.targets}")
+        state = _through_cache(
+            job,
+            recorder,
+            "calibration: activations",
+            parts,
+            samples,
+            lambda: _input_stats(job, recorder, abs_mean, gram, samples).state_dict(),
+        )
+        return InputStats.from_state_dict(state)
+    return _input_stats(job, recorder, abs_mean, gram, samples)
+
+
+def _through_cache(job: DecomposeJob, recorder: StageRecorder, stage: str, parts, samples, compute):
+    """Statistics from ``job.cache`` (on ``job.device``), or computed by ``compute`` and stored there."""
+    from lowrank_kit.calib_cache import samples_digest
+
+    parts = (*parts, f"samples={samples_digest(samples)[:16]}")
+    if job.cache.has(parts):
+        with recorder.stage(f"{stage} (reused from cache)", total=1) as st:
+            state = job.cache.get_or_compute(parts, compute)
+            st.advance()
+    else:
+        state = job.cache.get_or_compute(parts, compute)
+    return {k: v.to(job.device) for k, v in state.items()}
+
+
+def _input_stats(
+    job: DecomposeJob, recorder: StageRecorder, abs_mean: bool, gram: bool, samples: list
+) -> InputStats:
     stats = InputStats()
     sums: dict[int, torch.Tensor] = {}
     current: dict[str, torch.Tensor | None] = {"mask": None}
@@ -314,6 +345,28 @@ def collect_gradient_stats(
     if not samples:
         raise CalibrationError("no calibration samples to collect gradient statistics from")
     bases = bases or {}
+    if job.cache is not None:
+        described = sorted(f"{layer}.{name}:{'+'.join(b.targets)}" for (layer, name), b in bases.items())
+        parts = ("gradient_stats", f"fisher={fisher}", f"targets={job.targets}", f"bases={described}")
+        state = _through_cache(
+            job,
+            recorder,
+            "calibration: gradients",
+            parts,
+            samples,
+            lambda: _gradient_stats(job, recorder, fisher, bases, samples).state_dict(),
+        )
+        return GradientStats.from_state_dict(state)
+    return _gradient_stats(job, recorder, fisher, bases, samples)
+
+
+def _gradient_stats(
+    job: DecomposeJob,
+    recorder: StageRecorder,
+    fisher: bool,
+    bases: dict[tuple[int, str], ImportanceBasis],
+    samples: list,
+) -> GradientStats:
     keys = [(layer, t) for layer in job.layers for t in job.targets]
     params = [job.projection(layer, t).weight for layer, t in keys]
     index = {key: i for i, key in enumerate(keys)}

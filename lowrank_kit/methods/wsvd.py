@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
+from lowrank_kit.calib_cache import cached
 from lowrank_kit.methods.allocation import head_rank, importance_allocation
 from lowrank_kit.methods.base import DecomposeJob, Decomposer, LayerPlan, MethodConfig, Plan
 from lowrank_kit.methods.common import check_allocation, head_weights, plan_rho1, ratio_of, requested_rank
@@ -222,10 +223,22 @@ class WSVDDecomposer(Decomposer):
                         As.append(f.A[h])
                         Bs.append(f.B[h])
                 if slots:
-                    with torch.enable_grad():
-                        new_A, new_B, start, end = finetune_heads(
-                            torch.stack(Ws), torch.stack(Fs), As, Bs, cfg.ft_steps, cfg.ft_lr
-                        )
+
+                    def tune(Ws=Ws, Fs=Fs, As=As, Bs=Bs) -> dict[str, torch.Tensor]:
+                        with torch.enable_grad():
+                            A, B, start, end = finetune_heads(
+                                torch.stack(Ws), torch.stack(Fs), As, Bs, cfg.ft_steps, cfg.ft_lr
+                            )
+                        return {"start": start, "end": end} | {
+                            f"{kind}.{i}": t for kind, ts in (("A", A), ("B", B)) for i, t in enumerate(ts)
+                        }
+
+                    # A resumed run reuses each layer's tuned factors instead of tuning it again.
+                    parts = ("wsvd_finetune", f"layer={layer}", f"heads={len(slots)}")
+                    done = {k: v.to(job.device) for k, v in cached(job.cache, parts, tune).items()}
+                    start, end = done["start"], done["end"]
+                    new_A = [done[f"A.{i}"] for i in range(len(slots))]
+                    new_B = [done[f"B.{i}"] for i in range(len(slots))]
                     for (key, h), a, b in zip(slots, new_A, new_B):
                         factors[key].A[h] = a.detach()
                         factors[key].B[h] = b.detach()
