@@ -297,6 +297,19 @@ def verify_manifest(path: Path, only: list[str] | None = None) -> None:
             raise CheckpointError(f"checkpoint file {str(f)!r} is corrupt or truncated (checksum mismatch)")
 
 
+def damaged_safetensors(directory: str | Path) -> tuple[Path, str] | None:
+    """The first ``*.safetensors`` file in ``directory`` whose header or length does not check out."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(directory).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as err:
+            return file, str(err)
+    return None
+
+
 def is_compressed_checkpoint(path: str | Path) -> bool:
     p = Path(path)
     if not (p / "config.json").is_file():

@@ -119,8 +119,9 @@ def compress(
     if needs_calibration(recipe) and calibration is None:
         if processor is None:
             raise CalibrationError(
-                "this recipe needs calibration data, which needs the model's processor; load the model with "
-                "lowrank_kit.models.loading.load_model or pass `calibration=` samples"
+                "this recipe needs calibration data, built with the model's processor, but the model has "
+                "none; use a model directory that ships its processor (tokenizer + image processor), pass "
+                "`calibration=` samples to compress(), or pick a method without calibration (svd)"
             )
         from lowrank_kit.data.sources import build_calibration
 

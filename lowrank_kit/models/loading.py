@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from lowrank_kit.errors import ModelLoadError, UnknownNameError
@@ -275,6 +276,14 @@ def load_model(
                         "the directory needs model.safetensors (or its shards) next to config.json"
                     ) from None
                 raise ModelLoadError(_offline_message(ms.source, err)) from None
+            except SafetensorError as err:
+                from lowrank_kit.checkpoint import damaged_safetensors
+
+                file, reason = damaged_safetensors(directory) or (directory, str(err))
+                raise ModelLoadError(
+                    f"weights file {str(file)!r} is corrupt or truncated ({reason}); download or save the "
+                    "model again"
+                ) from None
         model = model.to(device).eval()
         stage.advance()
 

@@ -1,8 +1,10 @@
-"""Helpers for the checkpoint tests: compress a tiny model, save it, read greedy tokens."""
+"""Helpers for the checkpoint tests: compress a tiny model, read greedy tokens, run the CLI."""
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from lowrank_kit.cli.main import app
 from lowrank_kit.data.calibration import CalibrationSample
 from lowrank_kit.models.tiny import TINY_FAMILIES, build_tiny_model, family_available, tiny_inputs
 
@@ -17,6 +19,17 @@ FAMILIES = [
 ]
 DECOMPOSERS = ("svd", "asvd", "svdllm", "qsvd", "wsvd")
 NEW_TOKENS = 6
+runner = CliRunner()
+
+
+def fails(*args, env=None):
+    """Run `lowrank ...`; return its one error line (asserting there is exactly one and no traceback)."""
+    res = runner.invoke(app, [str(a) for a in args], catch_exceptions=False, env=env)
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, res.output
+    return errors[0]
 
 
 def samples_for(model, n: int = 2, answer_tokens: int = 3) -> list[CalibrationSample]:
