@@ -78,7 +78,9 @@ def make_problem(
     ``layout``: "per_head" (one group per KV head; ``k_ranks``/``v_ranks`` per head), "grouped" (one
     group per ``heads_per_group`` heads; ranks per group) or "shared" (one group; one rank each).
     """
-    gen = torch.Generator().manual_seed(seed)
+    dev = torch.device(device)
+    # Drawn on the target device: benchmark shapes hold billions of latent elements.
+    gen = torch.Generator(device=dev).manual_seed(seed)
     align = align_for(torch.int8 if int8 else dtype)
     if layout == "per_head":
         kl, vl = LatentLayout.per_head(k_ranks, align), LatentLayout.per_head(v_ranks, align)
@@ -96,7 +98,7 @@ def make_problem(
     cap = capacity or max(p + n for p, n in zip(left_pad, lengths))
 
     def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen)
+        return torch.randn(*shape, generator=gen, device=dev)
 
     ups = []
     for j in range(num_kv_heads):
@@ -105,36 +107,24 @@ def make_problem(
     k_up = kl.up_rows(ups).to(dtype)
     k_bias = randn(num_kv_heads, head_dim) if bias else None
     factor = 1.0 if mrope_section is None else 1.25  # a yarn-like attention factor, exercised with M-RoPE
-    rope = RopeSpec(rope_inv_freq(head_dim), factor, mrope_section)
+    rope = RopeSpec(rope_inv_freq(head_dim).to(dev), factor, mrope_section)
     w = LatentWeights(kl, vl, k_up, rope, num_heads, head_dim**-0.5, k_bias, qk_norm)
 
-    k_lat = kl.pack(randn(batch, cap, kl.latent_width))
-    v_lat = vl.pack(randn(batch, cap, vl.latent_width))
-    if int8:
-        k, k_scale = quantize_int8(k_lat, kl)
-        v, v_scale = quantize_int8(v_lat, vl)
-    else:
-        k, v, k_scale, v_scale = k_lat.to(dtype), v_lat.to(dtype), None, None
+    def latents(lay: LatentLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = lay.pack(randn(batch, cap, lay.latent_width).to(torch.float32 if int8 else dtype))
+        return quantize_int8(x, lay) if int8 else (x, None)
+
+    k, k_scale = latents(kl)
+    v, v_scale = latents(vl)
     npos = rope.num_positions
     # Positions are not slot indices: rows start at different offsets and M-RoPE components differ.
-    positions = torch.randint(0, 30000, (batch, cap, npos), generator=gen, dtype=torch.int32)
+    positions = torch.randint(0, 30000, (batch, cap, npos), generator=gen, dtype=torch.int32, device=dev)
     k_norm = None
     if qk_norm is not None:
         heads = num_kv_heads if qk_norm == "per_head" else 1
-        k_norm = torch.rand(batch, cap, heads, generator=gen) + 0.5
-    dev = torch.device(device)
-    kv = LatentKV(
-        k.to(dev),
-        v.to(dev),
-        positions.to(dev),
-        None if k_scale is None else k_scale.to(dev),
-        None if v_scale is None else v_scale.to(dev),
-        None if k_norm is None else k_norm.to(dev),
-    )
-    w.k_up = w.k_up.to(dev)
-    if w.k_bias is not None:
-        w.k_bias = w.k_bias.to(dev)
-    q = randn(batch, num_heads, head_dim).to(dtype).to(dev)
+        k_norm = torch.rand(batch, cap, heads, generator=gen, device=dev) + 0.5
+    kv = LatentKV(k, v, positions, k_scale, v_scale, k_norm)
+    q = randn(batch, num_heads, head_dim).to(dtype)
     starts = torch.tensor(left_pad, dtype=torch.int32, device=dev)
     ends = torch.tensor([p + n for p, n in zip(left_pad, lengths)], dtype=torch.int32, device=dev)
     return Problem(q, kv, w, starts, ends)

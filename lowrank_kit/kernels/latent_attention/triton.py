@@ -376,12 +376,17 @@ def launch_config(
             if rank_chunk <= k_max and v_chunk <= v_max:
                 block_n, warps, stages = cfg
                 break
-    n_vchunks = triton.cdiv(vw, v_chunk)
-    per_split = batch * num_kv_heads * n_vchunks
+    split_len = _split_len(batch, num_kv_heads * triton.cdiv(vw, v_chunk), max_len, block_n, device)
+    return LaunchConfig(block_n, warps, stages, rank_chunk, v_chunk, split_len)
+
+
+def _split_len(batch: int, programs_per_row: int, max_len: int, block_n: int, device: torch.device) -> int:
+    """Tokens per split, a multiple of ``block_n``, so that the grid covers the GPU about four times
+    over (rows × KV heads × V chunks × splits); long rows with many heads get one split each."""
+    per_split = batch * programs_per_row
     target = 4 * _sm_count(device)
     n_splits = max(1, min(triton.cdiv(target, per_split), triton.cdiv(max(max_len, 1), block_n)))
-    split_len = triton.cdiv(triton.cdiv(max(max_len, 1), n_splits), block_n) * block_n
-    return LaunchConfig(block_n, warps, stages, rank_chunk, v_chunk, split_len)
+    return triton.cdiv(triton.cdiv(max(max_len, 1), n_splits), block_n) * block_n
 
 
 def _workspace(shape: tuple[int, ...], poison: bool, device: torch.device) -> torch.Tensor:
@@ -418,10 +423,9 @@ def latent_attention_decode(
     max_len = kv.k.shape[1] if max_len is None else max_len
     cfg = config or launch_config(b, hkv, max_len, w, q.device)
     if cfg.split_len == 0:
-        auto = launch_config(b, hkv, max_len, w, q.device)
-        cfg = LaunchConfig(
-            cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.rank_chunk, cfg.v_chunk, auto.split_len
-        )
+        programs = hkv * triton.cdiv(w.out_width, cfg.v_chunk)
+        split = _split_len(b, programs, max_len, cfg.block_n, q.device)
+        cfg = LaunchConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.rank_chunk, cfg.v_chunk, split)
     kw = w.k_layout.max_width
     n_rk = triton.cdiv(kw, cfg.rank_chunk)
     k_up = w.k_up
