@@ -1,6 +1,14 @@
 """Shared fixtures: tiny models of any family, and a registry that starts fresh for one test."""
 
+import os
+
 import pytest
+import torch
+
+# Triton decides between compiling and interpreting a kernel when the kernel is decorated, and any test
+# module may be the first to import one; so the choice is made here, before any test module loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from lowrank_kit.registry import reset_registry
 
