@@ -34,11 +34,11 @@ import torch
 from torch import nn
 
 from lowrank_kit.errors import LowRankError
+from lowrank_kit.paths import cache_subdir
 
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
-CACHE_ENV = "LOWRANK_CACHE_DIR"
 # Test-only fault injection: with this set to N, the process kills itself with SIGKILL right after
 # writing its N-th cache entry, exactly as an out-of-memory kill or `kill -9` would stop a long run.
 # The resume tests use it to interrupt `lowrank compress` at a known point; nothing else reads it.
@@ -49,11 +49,8 @@ KeyPart = str | int | float | bool | None
 
 
 def default_cache_dir() -> Path:
-    """``$LOWRANK_CACHE_DIR``, else ``$XDG_CACHE_HOME/lowrank_kit/calibration`` (``~/.cache`` by default)."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "lowrank_kit" / "calibration"
+    """``calibration/`` under the lowrank_kit cache root (:func:`lowrank_kit.paths.cache_root`)."""
+    return cache_subdir("calibration")
 
 
 # -- content digests -------------------------------------------------------------------------------

@@ -201,7 +201,7 @@ def compress(
         None,
         "--cache-dir",
         help="Where calibration products are kept so that an interrupted run resumes "
-        "(default: $LOWRANK_CACHE_DIR or ~/.cache/lowrank_kit/calibration).",
+        "(default: calibration/ under $LOWRANK_KIT_CACHE or ~/.cache/lowrank_kit).",
         file_okay=False,
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),

@@ -117,7 +117,14 @@ def load_items(spec) -> list:
         path = Path(spec.path).expanduser()
         if not path.exists():
             raise CalibrationError(f"calibration dataset directory {str(path)!r} does not exist")
-        ds = datasets.load_from_disk(str(path))
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as err:  # datasets raises anything from FileNotFoundError to IndexError here
+            raise CalibrationError(
+                f"cannot read calibration dataset directory {str(path)!r} with datasets {datasets.__version__} "
+                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no message'}); "
+                "write it again with Dataset.save_to_disk (an empty split needs num_shards=1)"
+            ) from None
         if isinstance(ds, datasets.DatasetDict):
             if spec.split not in ds:
                 raise CalibrationError(

@@ -9,9 +9,10 @@ import torch
 from ckpt_helpers import samples_for
 
 import lowrank_kit
-from lowrank_kit.calib_cache import CACHE_ENV, CalibrationCache, cached, default_cache_dir, run_key
+from lowrank_kit.calib_cache import CalibrationCache, cached, default_cache_dir, run_key
 from lowrank_kit.errors import LowRankError
 from lowrank_kit.models.tiny import build_tiny_model
+from lowrank_kit.paths import CACHE_ENV
 
 
 def test_get_or_compute_computes_once(tmp_path):
@@ -71,7 +72,7 @@ def test_a_full_disk_while_caching_is_one_line(tmp_path, monkeypatch):
 
 def test_default_location(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
-    assert default_cache_dir() == tmp_path / "c"
+    assert default_cache_dir() == tmp_path / "c" / "calibration"
     monkeypatch.delenv(CACHE_ENV)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir() == tmp_path / "xdg" / "lowrank_kit" / "calibration"
