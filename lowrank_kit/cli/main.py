@@ -379,5 +379,9 @@ def recipe_show(
         typer.echo(r.to_yaml(), nl=False)
 
 
+# -- command groups defined in their own modules ------------------------------------------------------
+# Each module defines its commands on its own typer app (or function); this block adds them to `lowrank`.
+
+
 def main() -> None:
     app(prog_name="lowrank")
