@@ -219,6 +219,9 @@ class LatentWeights:
     scale: float
     k_bias: torch.Tensor | None = None
     qk_norm: str | None = None
+    # Device-side copies of the static tables a kernel launch needs, made once per (device, padding)
+    # by the backend: building them per call costs host-to-device copies that stall every decode step.
+    launch_cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         hkv, rows, d = self.k_up.shape

@@ -389,6 +389,47 @@ def _split_len(batch: int, programs_per_row: int, max_len: int, block_n: int, de
     return triton.cdiv(triton.cdiv(max(max_len, 1), n_splits), block_n) * block_n
 
 
+@dataclass(frozen=True)
+class _Static:
+    """The launch's static device tensors for one layer: layout tables, RoPE, bias, padded up-projection."""
+
+    k_up: torch.Tensor
+    k_off: torch.Tensor
+    k_wid: torch.Tensor
+    k_grp: torch.Tensor
+    v_off: torch.Tensor
+    v_wid: torch.Tensor
+    v_grp: torch.Tensor
+    inv_freq: torch.Tensor
+    sec: torch.Tensor
+    k_bias: torch.Tensor
+    dummy: torch.Tensor
+
+
+def _static(w: LatentWeights, rows: int, device: torch.device) -> _Static:
+    """Built once per (device, padded rank) and kept on ``w``; rebuilt if ``k_up`` is replaced or edited."""
+    key = (str(device), rows, w.k_up.data_ptr(), w.k_up._version)
+    hit = w.launch_cache.get(key)
+    if hit is not None:
+        return hit
+    k_up = w.k_up
+    if k_up.shape[1] < rows:
+        k_up = torch.nn.functional.pad(k_up, (0, 0, 0, rows - k_up.shape[1]))
+    dummy = torch.zeros(1, device=device, dtype=torch.float32)
+    st = _Static(
+        k_up.contiguous(),
+        *w.k_layout.tables(device),
+        *w.v_layout.tables(device),
+        w.rope.inv_freq.to(device=device, dtype=torch.float32).contiguous(),
+        w.rope.section_index().to(device),
+        w.k_bias.to(device=device, dtype=torch.float32).contiguous() if w.k_bias is not None else dummy,
+        dummy,
+    )
+    w.launch_cache.clear()  # one entry: a layer runs at one padding on one device
+    w.launch_cache[key] = st
+    return st
+
+
 def _workspace(shape: tuple[int, ...], poison: bool, device: torch.device) -> torch.Tensor:
     if poison:
         return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
@@ -428,10 +469,9 @@ def latent_attention_decode(
         cfg = LaunchConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.rank_chunk, cfg.v_chunk, split)
     kw = w.k_layout.max_width
     n_rk = triton.cdiv(kw, cfg.rank_chunk)
-    k_up = w.k_up
-    if k_up.shape[1] < n_rk * cfg.rank_chunk:
-        k_up = torch.nn.functional.pad(k_up, (0, 0, 0, n_rk * cfg.rank_chunk - k_up.shape[1]))
-    k_up = k_up.contiguous()
+    dev = q.device
+    st = _static(w, max(w.k_up.shape[1], n_rk * cfg.rank_chunk), dev)
+    k_up = st.k_up
     out_width = w.out_width
     n_vchunks = triton.cdiv(out_width, cfg.v_chunk)
     n_splits = max(1, triton.cdiv(max(max_len, 1), cfg.split_len))
@@ -443,22 +483,20 @@ def latent_attention_decode(
         )
     direct = n_splits == 1
     if direct:
-        po = torch.empty(1, 1, 1, 1, device=q.device, dtype=torch.float32)
-        pl = torch.empty(1, 1, 1, device=q.device, dtype=torch.float32)
+        po = st.dummy.view(1, 1, 1, 1)
+        pl = st.dummy.view(1, 1, 1)
     else:
         po = _workspace((b, hq, n_splits, out_width), poison_workspace, q.device)
         pl = _workspace((b, hq, n_splits), poison_workspace, q.device)
 
-    dev = q.device
-    k_off, k_wid, k_grp = w.k_layout.tables(dev)
-    v_off, v_wid, v_grp = w.v_layout.tables(dev)
-    inv_freq = w.rope.inv_freq.to(device=dev, dtype=torch.float32).contiguous()
-    sec = w.rope.section_index().to(dev)
-    dummy = torch.zeros(1, device=dev, dtype=torch.float32)
+    k_off, k_wid, k_grp = st.k_off, st.k_wid, st.k_grp
+    v_off, v_wid, v_grp = st.v_off, st.v_wid, st.v_grp
+    inv_freq, sec = st.inv_freq, st.sec
+    dummy = st.dummy
     k_scale = kv.k_scale if kv.k_scale is not None else dummy.view(1, 1, 1)
     v_scale = kv.v_scale if kv.v_scale is not None else dummy.view(1, 1, 1)
     k_norm = kv.k_norm if kv.k_norm is not None else dummy.view(1, 1, 1)
-    k_bias = w.k_bias.float().contiguous() if w.k_bias is not None else dummy
+    k_bias = st.k_bias
     norm_head_stride = k_norm.stride(2) if k_norm.shape[2] > 1 else 0
     cdt = _TL_DTYPES[k_up.dtype]
     # bf16 dots are broken in the Triton interpreter (elementwise bf16 is not); see _dot_operand.
