@@ -19,7 +19,11 @@ def register_decomposers(register):
 
 @hookimpl
 def register_quantizers(register):
-    for cls in ():
+    from lowrank_kit.quant.hadamard import HadamardQuantizer
+    from lowrank_kit.quant.qat import QATQuantizer
+    from lowrank_kit.quant.rtn import RTNQuantizer
+
+    for cls in (RTNQuantizer, HadamardQuantizer, QATQuantizer):
         register(cls)
 
 

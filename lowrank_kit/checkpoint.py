@@ -323,18 +323,24 @@ def is_compressed_checkpoint(path: str | Path) -> bool:
 # -- structure ---------------------------------------------------------------------------------------
 def compressed_module_types() -> tuple[type[nn.Module], ...]:
     from lowrank_kit.modules import LOW_RANK_MODULES
+    from lowrank_kit.quant.modules import QUANT_MODULES
 
-    return tuple(LOW_RANK_MODULES)
+    return (*LOW_RANK_MODULES, *QUANT_MODULES)
 
 
 def quantized_structure(model: nn.Module) -> dict[str, Any]:
-    """Per-module layout of quantized modules (empty when nothing is stored quantized)."""
-    return {}
+    """Per-module layout of quantized, rotated and K/V-marked modules (empty for a float model); see
+    :func:`lowrank_kit.quant.structure.quantized_structure`."""
+    from lowrank_kit.quant.structure import quantized_structure as describe
+
+    return describe(model)
 
 
 def install_structure(model: nn.Module, block: dict[str, Any]) -> nn.Module:
-    """Replace the model's projections by empty modules of the layout ``block`` describes."""
+    """Replace the model's projections by empty modules of the layout ``block`` describes: the low-rank
+    structure first, then the quantized modules inside and around it."""
     from lowrank_kit.models.loading import adapter_for_config
+    from lowrank_kit.quant.structure import install_quantized
     from lowrank_kit.surgery import build_structure
 
     adapter = adapter_for_config(model.config)
@@ -342,6 +348,12 @@ def install_structure(model: nn.Module, block: dict[str, Any]) -> nn.Module:
         build_structure(model, adapter, block["structure"])
     except (ValueError, KeyError, TypeError, IndexError) as err:
         raise CheckpointError(f"the {CONFIG_KEY} structure of this checkpoint is invalid: {err}") from None
+    try:
+        install_quantized(model, block.get("quantized_modules") or {})
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        raise CheckpointError(
+            f"the {CONFIG_KEY} quantized_modules of this checkpoint are invalid: {err}"
+        ) from None
     return model
 
 

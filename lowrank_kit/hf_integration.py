@@ -109,25 +109,43 @@ def _read_tensor(files: list[str], key: str) -> torch.Tensor:
     raise CheckpointError(f"no tensor {key!r} in {files}")
 
 
-def compressed_parameters(model: nn.Module) -> dict[int, tuple[nn.Parameter, list[str]]]:
-    """Every parameter of the installed low-rank/quantized modules with all the names it goes by.
+def _persistent_buffers(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for b_name, buf in mod.named_buffers(recurse=False):
+            if b_name not in mod._non_persistent_buffers_set:
+                yield (f"{mod_name}.{b_name}" if mod_name else b_name), buf
 
-    A parameter shared between projections (QSVD's latent) has several names; safetensors stores it
+
+def compressed_parameters(model: nn.Module) -> dict[int, tuple[torch.Tensor, list[str]]]:
+    """Every parameter and stored buffer (quantized integers, scales, Hadamard factors) of the installed
+    low-rank/quantized modules with all the names it goes by.
+
+    A tensor shared between projections (QSVD's latent) has several names; safetensors stores it
     under one of them.
     """
     from lowrank_kit.checkpoint import compressed_module_types
 
     kinds = compressed_module_types()
-    out: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    out: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
         if not isinstance(module, kinds):
             continue
-        for p_name, param in module.named_parameters(remove_duplicate=False):
+        tensors = [*module.named_parameters(remove_duplicate=False), *_persistent_buffers(module)]
+        for p_name, param in tensors:
             full = f"{mod_name}.{p_name}"
             entry = out.setdefault(id(param), (param, []))
             if full not in entry[1]:
                 entry[1].append(full)
     return out
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter or buffer of ``model`` by its full name."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:
+        return module._parameters[leaf]
+    return module.get_buffer(leaf)
 
 
 class LowRankHfQuantizer(HfQuantizer):
@@ -203,12 +221,12 @@ class LowRankHfQuantizer(HfQuantizer):
         # transformers treats the unsaved names of a shared parameter as missing and re-initializes them,
         # which overwrites the one shared tensor; it is read again from the file here.
         for names, stored in self._aliased:
-            param = model.get_parameter(stored)
+            param = _tensor(model, stored)
             value = _read_tensor(self._files, stored)
             with torch.no_grad():
                 param.copy_(value.to(param.dtype))
             for name in names:
-                if model.get_parameter(name) is not param:
+                if _tensor(model, name) is not param:
                     raise CheckpointError(
                         f"{name!r} no longer shares its tensor with {stored!r} after loading; "
                         "this transformers version loads shared low-rank latents differently"

@@ -65,7 +65,10 @@ def _peak_rss() -> int:
 
 
 def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() yields shared tensors once
+    """Parameters, each shared tensor once; an integer-stored (quantized) weight counts one per element."""
+    from lowrank_kit.quant.report import logical_parameters
+
+    return logical_parameters(model)
 
 
 def needs_calibration(recipe: Recipe) -> bool:
@@ -109,6 +112,11 @@ def compress(
 
     t_start = time.perf_counter()
     recipe = resolve_recipe(recipe)
+    if len(recipe.quantize) > 1:
+        raise RecipeError(
+            f"a recipe may contain one quantize step (its methods run in order), got {len(recipe.quantize)}; "
+            "merge them into one step with `methods: [...]`"
+        )
     adapter = adapter or adapter_for_config(model.config)
     info = adapter.info(model)
     device = torch.device(device) if device is not None else _model_device(model)
@@ -174,8 +182,9 @@ def compress(
 
             scheme = resolve_scheme(step.scheme)
             report["quant"] = scheme.name
-            entries: dict[str, Any] = {"scheme": scheme.name}
-            for name in step.methods or scheme.methods:
+            methods = list(step.methods or scheme.methods)
+            entries: dict[str, Any] = {**scheme.describe(), "methods": methods}
+            for name in methods:
                 cls = get_quantizer(name)
                 quantizer = cls(cls.config_class.model_validate(step.params.get(name, {})))
                 qjob = QuantizeJob(
@@ -193,6 +202,9 @@ def compress(
                 )
                 with timer(f"quantize ({name})", device):
                     entries[name] = quantizer.quantize(qjob)
+            from lowrank_kit.quant.report import cache_report
+
+            entries.update(cache_report(model, adapter, scheme.kv_bits))
             report["quantize"] = entries
 
     ratios = compute_ratios(model, adapter)

@@ -13,6 +13,7 @@ from torch import nn
 
 from lowrank_kit.models.base import TARGETS, ModelAdapter
 from lowrank_kit.modules import JointLowRankProjection, LowRankLinear, PerHeadLowRankLinear
+from lowrank_kit.quant.modules import QuantLinear
 
 
 def _factor_params(mod: nn.Module, seen_shared: set[int]) -> int:
@@ -72,7 +73,7 @@ def compute_ratios(model: nn.Module, adapter: ModelAdapter) -> Ratios:
         seen: set[int] = set()
         for target in TARGETS:
             mod = adapter.get_projection(model, layer, target)
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, nn.Linear | QuantLinear):  # a dense projection, float or quantized
                 continue
             factor += _factor_params(mod, seen)
             replaced += mod.in_features * mod.out_features

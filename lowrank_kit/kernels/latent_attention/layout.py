@@ -167,6 +167,41 @@ def quantize_int8(packed: torch.Tensor, layout: LatentLayout) -> tuple[torch.Ten
     return q, torch.stack(scales, dim=-1)
 
 
+def quantize_int4(packed: torch.Tensor, layout: LatentLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 per (token, group), the int8 scale layout with ``qmax = 7``: returns (q
+    [..., row_width / 2] uint8, two columns a byte: column 2j in the low nibble, 2j+1 in the high one,
+    4-bit two's complement; scale [..., num_groups] fp32). ``packed ≈ unpack(q) · scale``."""
+    from lowrank_kit.quant.primitives import pack_int4
+
+    if layout.row_width % 2:
+        raise ValueError(f"int4 rows pack two columns a byte; row_width {layout.row_width} is odd")
+    x = packed.float()
+    scales = []
+    q = torch.zeros_like(x, dtype=torch.int8)
+    for g in range(layout.num_groups):
+        lo, hi = layout.offsets[g], layout.offsets[g] + layout.widths[g]
+        block = x[..., lo:hi]
+        s = block.abs().amax(dim=-1) / 7.0
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        q[..., lo:hi] = torch.round(block / s[..., None]).clamp_(-7, 7).to(torch.int8)
+        scales.append(s)
+    return pack_int4(q), torch.stack(scales, dim=-1)
+
+
+def dequantize_latents(
+    q: torch.Tensor, scale: torch.Tensor, layout: LatentLayout, bits: int = 8
+) -> torch.Tensor:
+    """Packed rows back to fp32 [..., row_width]: ``q · scale`` of each column's group (int8 rows, or
+    int4 rows as :func:`quantize_int4` writes them)."""
+    from lowrank_kit.quant.primitives import unpack_int4
+
+    values = q if bits == 8 else unpack_int4(q, layout.row_width)
+    group = torch.zeros(layout.row_width, dtype=torch.long)
+    for g in range(layout.num_groups):
+        group[layout.offsets[g] : layout.offsets[g] + layout.widths[g]] = g
+    return values.float() * scale[..., group.to(scale.device)]
+
+
 @dataclass(frozen=True)
 class RopeSpec:
     """RoPE as a decode kernel rebuilds it: ``angle = position[component(i)] · inv_freq[i]``.
