@@ -113,6 +113,10 @@ CASES = {
     "shared_wide_chunked": dict(
         num_heads=2, num_kv_heads=2, k_ranks=(200,), v_ranks=(300,), lengths=(37, 20), layout="shared"
     ),
+    # Per-head ranks past one 64-wide chunk: each head loops over only the chunks its own rank needs.
+    "ragged_wide_chunks": dict(
+        num_heads=6, num_kv_heads=3, k_ranks=(17, 100, 130), v_ranks=(90, 8, 65), lengths=(45, 20), int8=True
+    ),
     "grouped": dict(
         num_heads=8,
         num_kv_heads=4,

@@ -204,7 +204,8 @@ def _latent_decode_split(
         else:
             k1 = tl.zeros([BN, D2], tl.float32)
             k2 = tl.zeros([BN, D2], tl.float32)
-            for kc in range(NRKC):
+            # Only the chunks this head's group uses: ragged heads pay for their own rank.
+            for kc in range(0, tl.cdiv(k_wid, RKC)):
                 rkk = kc * RKC + rk
                 c = tl.load(
                     k_row + nn[:, None] * stride_ks + rkk[None, :],
@@ -350,12 +351,12 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNT[idx]
 
 
-# (widest K chunk, widest V chunk) → (block_n, num_warps, num_stages), measured on an H100 with
-# benchmarks/attention_decode.py (docs/kernel.md lists the sweep). Keys are upper bounds, checked in
+# (widest K chunk, widest V chunk) → (block_n, num_warps, num_stages), from the launch sweep of
+# benchmarks/attention_decode.py on an H200 (docs/kernel.md lists it). Keys are upper bounds, checked in
 # order; the last row covers the shared-latent shapes (rank chunked to 64, V chunks of 256).
 _TABLE: tuple[tuple[int, int, tuple[int, int, int]], ...] = (
     (64, 64, (64, 4, 3)),
-    (128, 128, (64, 8, 2)),
+    (64, 128, (64, 4, 2)),
     (1 << 30, 1 << 30, (32, 8, 2)),
 )
 
@@ -365,7 +366,9 @@ def launch_config(
 ) -> LaunchConfig:
     """Block sizes from the table, split length so that the grid covers the GPU about four times."""
     kw, vw = w.k_layout.max_width, w.out_width
-    rank_chunk = max(16, _pow2(kw)) if kw <= 128 else 64
+    # U_K,j stays in registers only up to 64 rows; wider ranks go in chunks of 64 (a [128, d] U in
+    # registers spilled and ran 3.5x slower on an H200).
+    rank_chunk = max(16, _pow2(kw)) if kw <= 64 else 64
     v_chunk = max(16, _pow2(vw)) if vw <= 128 else 256
     if device.type != "cuda":
         # The interpreter runs every program in Python: small tiles keep tests quick while still

@@ -1,0 +1,589 @@
+"""Decode-attention benchmark: the latent kernel against SDPA on full K/V, in one run on one GPU.
+
+One invocation measures, at every shape (LLaVA-NeXT-7B attention: 32 query = 32 KV heads; Qwen2-VL-7B:
+28 query over 4 KV heads with M-RoPE and a K bias; head_dim 128; batch 1/4/16/64; 1K-32K cached
+tokens):
+
+- a device-to-device copy (the bandwidth ceiling, bytes read + written),
+- SDPA on full fp16 K/V with every backend that runs (default selection, flash, memory-efficient, cuDNN),
+- the latent kernel at ρ2 = 0.9 / 0.7 / 0.5, uniform and allocator (ragged) ranks, fp16 and int8 latents,
+- the same kernel with one shared latent at equal ρ2, and the naive PyTorch latent path.
+
+Timing is device time: the median over replays of a CUDA graph that calls the operation on enough
+distinct copies of its inputs that together they exceed four times the L2 cache (so no call reads a
+warm cache), divided by the number of calls; the eager median of ``triton.testing.do_bench`` (host
+launch overhead included when it exceeds the device time) is recorded beside it. Every kernel variant
+is first checked against the naive fp32 twin on a 1000-token problem with ragged rows; a variant that
+fails reports no speedup. ``sweep`` times launch configurations at the target shape (the table in
+``triton.py`` comes from it). Results go to JSON; ``plot`` turns a JSON file into the latency-vs-length
+figure and the markdown table of docs/kernel.md. The script is ``benchmarks/attention_decode.py``::
+
+    python benchmarks/attention_decode.py run --out benchmarks/results/attention_decode_h200.json --sweep
+    python benchmarks/attention_decode.py plot benchmarks/results/attention_decode_h200.json docs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODELS = {
+    "llava-next-7b": dict(num_heads=32, num_kv_heads=32, head_dim=128, bias=False, mrope_section=None),
+    "qwen2-vl-7b": dict(num_heads=28, num_kv_heads=4, head_dim=128, bias=True, mrope_section=(16, 24, 24)),
+}
+RHOS = (0.9, 0.7, 0.5)
+TARGET = dict(model="llava-next-7b", batch=16, length=8192, rho=0.5)
+CHECK_TOL = {"fp16": 3e-3, "int8": 3e-3}  # same roundings as the CPU tests (fp16 operands, fp32 accumulation)
+
+
+def uniform_ranks(rho: float, heads: int, d: int) -> list[int]:
+    return [round(rho * d)] * heads
+
+
+def ragged_ranks(rho: float, heads: int, d: int, seed: int) -> list[int]:
+    """Ranks from the importance allocator (granularity 8) on synthetic spectra that differ by head."""
+    from lowrank_kit.methods.allocation import importance_allocation
+
+    gen = torch.Generator().manual_seed(seed)
+    decay = torch.rand(heads, generator=gen) * 40 + 8  # some heads concentrate their energy, some do not
+    scores = [torch.exp(-torch.arange(d, dtype=torch.float64) / float(t)) for t in decay]
+    kept = importance_allocation(scores, rho * heads * d, granularity=8, what="benchmark heads")
+    return [len(k) for k in kept]
+
+
+def problem(
+    model: str,
+    batch: int,
+    length: int,
+    ranks: tuple[list[int], list[int]],
+    *,
+    int8: bool,
+    layout: str = "per_head",
+    seed: int = 0,
+    lengths: list[int] | None = None,
+    left_pad: list[int] | None = None,
+):
+    from lowrank_kit.kernels.latent_attention.testing import make_problem
+
+    m = MODELS[model]
+    return make_problem(
+        batch=batch,
+        num_heads=m["num_heads"],
+        num_kv_heads=m["num_kv_heads"],
+        head_dim=m["head_dim"],
+        k_ranks=ranks[0],
+        v_ranks=ranks[1],
+        lengths=lengths or [length] * batch,
+        left_pad=left_pad,
+        dtype=torch.float16,
+        int8=int8,
+        layout=layout,
+        bias=m["bias"],
+        mrope_section=m["mrope_section"],
+        seed=seed,
+        device="cuda",
+    )
+
+
+def bench(fn, rep: int = 100) -> float:
+    """Eager median µs of ``fn`` (``do_bench`` flushes L2 between calls)."""
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep, return_mode="median")) * 1e3
+
+
+def copies_for(nbytes: int) -> int:
+    """How many distinct input sets a timed graph cycles through so that they exceed 4× the L2."""
+    l2 = torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    return max(1, min(64, math.ceil(4 * l2 / max(nbytes, 1))))
+
+
+def bench_graph(fns: list, rep: int = 100) -> float:
+    """Device µs per call: CUDA-graph replays of ``fns`` (one call each, on distinct inputs) / len(fns)."""
+    import triton
+
+    for f in fns:
+        f()
+    torch.cuda.synchronize()
+
+    def all_calls():
+        for f in fns:
+            f()
+
+    return float(triton.testing.do_bench_cudagraph(all_calls, rep=rep, return_mode="median")) * 1e3 / len(fns)
+
+
+def copy_bandwidth() -> float:
+    """TB/s of a 2 GiB device-to-device copy, counting bytes read and written."""
+    src = torch.randn(2**29, device="cuda")
+    dst = torch.empty_like(src)
+    # Eager: one 4 GiB copy dwarfs the launch; in a CUDA graph the copy becomes a memcpy node served
+    # by the copy engines, which measured 2.8 TB/s against 4.3 TB/s for the SM copy kernel on an H200.
+    us = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * 4 / us / 1e6
+
+
+def sdpa_backends() -> dict[str, Any]:
+    from torch.nn.attention import SDPBackend
+
+    found = {"default": None}
+    for name, attr in (
+        ("flash", "FLASH_ATTENTION"),
+        ("efficient", "EFFICIENT_ATTENTION"),
+        ("cudnn", "CUDNN_ATTENTION"),
+    ):
+        if hasattr(SDPBackend, attr):
+            found[name] = getattr(SDPBackend, attr)
+    return found
+
+
+def time_sdpa(model: str, batch: int, length: int) -> dict[str, Any]:
+    """Device µs of one decode step of SDPA on full fp16 K/V, per backend (a reason where one refuses)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import sdpa_kernel
+
+    m = MODELS[model]
+    hq, hkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n = copies_for(2 * batch * hkv * length * d * 2)
+    sets = [
+        (
+            torch.randn(batch, hq, 1, d, device="cuda", dtype=torch.float16, generator=gen),
+            torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.float16, generator=gen),
+            torch.randn(batch, hkv, length, d, device="cuda", dtype=torch.float16, generator=gen),
+        )
+        for _ in range(n)
+    ]
+    gqa = {"enable_gqa": True} if hq != hkv else {}
+    out: dict[str, Any] = {}
+    for name, backend in sdpa_backends().items():
+
+        def call(q, k, v, backend=backend):
+            if backend is None:
+                return F.scaled_dot_product_attention(q, k, v, **gqa)
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, **gqa)
+
+        try:
+            out[name] = bench_graph([partial(call, *qkv) for qkv in sets])
+        except RuntimeError as err:  # a backend that does not take this shape: recorded, not timed
+            out[name] = f"unsupported: {str(err).splitlines()[0][:120]}"
+    del sets
+    torch.cuda.empty_cache()
+    return out
+
+
+def check_variant(model: str, ranks, *, int8: bool, layout: str) -> tuple[bool, float]:
+    """Kernel vs naive twin on 1000 tokens, ragged rows and left padding, NaN-poisoned buffers."""
+    from lowrank_kit.kernels.latent_attention import naive
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+    from lowrank_kit.kernels.latent_attention.testing import relative_error
+
+    worst = 0.0
+    for seed in (0, 1):
+        p = problem(
+            model,
+            3,
+            1000,
+            ranks,
+            int8=int8,
+            layout=layout,
+            seed=seed,
+            lengths=[1000, 517, 1],
+            left_pad=[0, 301, 999],
+        )
+        out = torch.full((3, p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=torch.float16)
+        triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, out=out, poison_workspace=True)
+        ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
+        worst = max(worst, relative_error(out, ref))
+    return worst < CHECK_TOL["int8" if int8 else "fp16"], worst
+
+
+def kernel_fn(p, max_len: int, config=None):
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    def fn():
+        return triton_impl.latent_attention_decode(
+            p.q, p.kv, p.w, p.starts, p.ends, max_len=max_len, config=config
+        )
+
+    return fn
+
+
+def kernel_row(p, fn_us: float, copy_tbs: float) -> dict[str, Any]:
+    nbytes = p.latent_bytes()
+    gbs = nbytes / fn_us / 1e3
+    return {"us": fn_us, "bytes": nbytes, "GB_s": gbs, "frac_copy": gbs / (copy_tbs * 1e3)}
+
+
+def grid_shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(batch, tokens) pairs: every combination (``full``), or every length at the target batch and
+    every batch at the target length (``cross``)."""
+    if args.grid == "full":
+        return [(b, n) for b in args.batches for n in args.lengths]
+    tb, tn = TARGET["batch"], TARGET["length"]
+    return [(tb, n) for n in args.lengths] + [(b, tn) for b in args.batches if b != tb]
+
+
+def run(args: argparse.Namespace) -> None:
+    import triton
+
+    from lowrank_kit.kernels.latent_attention import naive
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    t0 = time.time()
+    target = (TARGET["batch"], TARGET["length"])
+    out_path = Path(args.out)
+    res: dict[str, Any] = {
+        "command": " ".join(["python", *sys.argv]),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "timing": "triton.testing.do_bench median (L2 flushed between runs), microseconds",
+        "rows": [],
+        "checks": {},
+        "sweep": [],
+    }
+
+    def save() -> None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(res, indent=1))
+
+    res["copy_TB_s"] = copy = copy_bandwidth()
+    print(f"copy bandwidth {copy:.2f} TB/s", flush=True)
+
+    variants = []
+    for model, m in MODELS.items():
+        hkv, d = m["num_kv_heads"], m["head_dim"]
+        for rho in RHOS:
+            uni = (uniform_ranks(rho, hkv, d), uniform_ranks(rho, hkv, d))
+            rag = (ragged_ranks(rho, hkv, d, 1), ragged_ranks(rho, hkv, d, 2))
+            for mode, ranks in (("uniform", uni), ("ragged", rag)):
+                for dt in ("fp16", "int8"):
+                    variants.append(
+                        dict(model=model, rho=rho, ranks=mode, dtype=dt, layout="per_head", r=ranks)
+                    )
+            shared = ([round(rho * hkv * d)], [round(rho * hkv * d)])
+            variants.append(
+                dict(model=model, rho=rho, ranks="shared", dtype="fp16", layout="shared", r=shared)
+            )
+
+    for v in variants:
+        key = f"{v['model']}|{v['rho']}|{v['ranks']}|{v['dtype']}"
+        try:
+            ok, err = check_variant(v["model"], v["r"], int8=v["dtype"] == "int8", layout=v["layout"])
+        except Exception as exc:  # a compile or launch failure is a failed check, reported with its reason
+            ok, err = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        res["checks"][key] = {"ok": ok, "rel_err": err}
+        print(f"check {key}: {'ok' if ok else 'FAILED'} ({err})", flush=True)
+    save()
+
+    if args.sweep:
+        for model, rho, dt in (
+            ("llava-next-7b", 0.5, "fp16"),
+            ("llava-next-7b", 0.5, "int8"),
+            ("llava-next-7b", 0.9, "fp16"),
+            ("qwen2-vl-7b", 0.5, "fp16"),
+        ):
+            m = MODELS[model]
+            r = uniform_ranks(rho, m["num_kv_heads"], m["head_dim"])
+            b = 16 if model == "llava-next-7b" else 64
+            p = problem(model, b, 8192, (r, r), int8=dt == "int8")
+            base = triton_impl.launch_config(b, m["num_kv_heads"], 8192, p.w, p.q.device)
+            for bn, warps, stages in (
+                (32, 4, 2),
+                (32, 4, 3),
+                (64, 4, 2),
+                (64, 4, 3),
+                (64, 4, 4),
+                (64, 8, 2),
+                (64, 8, 3),
+                (128, 4, 2),
+                (128, 8, 2),
+                (128, 8, 3),
+                (16, 4, 3),
+            ):
+                # One split per row (direct write, no merge) only at the first class: it decides DIRECT's worth.
+                for split_len in (0, 8192) if (model, rho, dt) == ("llava-next-7b", 0.5, "fp16") else (0,):
+                    cfg = triton_impl.LaunchConfig(
+                        bn, warps, stages, base.rank_chunk, base.v_chunk, split_len
+                    )
+                    try:
+                        us = bench_graph([kernel_fn(p, 8192, cfg)], rep=50)
+                    except Exception as exc:  # out of shared memory or registers: recorded, not timed
+                        us = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                    row = dict(
+                        model=model,
+                        rho=rho,
+                        dtype=dt,
+                        batch=b,
+                        block_n=bn,
+                        num_warps=warps,
+                        num_stages=stages,
+                        split_len=split_len or base.split_len,
+                        us=us,
+                    )
+                    if isinstance(us, float):
+                        row.update(kernel_row(p, us, copy))
+                    res["sweep"].append(row)
+                    print("sweep", row, flush=True)
+            del p
+            torch.cuda.empty_cache()
+        save()
+
+    for model, m in MODELS.items():
+        hq, hkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
+        for batch, length in grid_shapes(args):
+            full_bytes = 2 * batch * hkv * length * d * 2
+            if full_bytes > args.max_kv_gb * 1e9:
+                continue
+            if time.time() - t0 > args.time_budget:
+                res["truncated"] = f"stopped at {model} B={batch} S={length}: time budget {args.time_budget}s"
+                save()
+                print(res["truncated"], flush=True)
+                return
+            sd = time_sdpa(model, batch, length)
+            timed = {k: t for k, t in sd.items() if isinstance(t, float)}
+            best_name = min(timed, key=timed.get) if timed else None
+            best = timed[best_name] if best_name else math.nan
+            base = dict(model=model, batch=batch, length=length, heads=hq, kv_heads=hkv, head_dim=d)
+            res["rows"].append(
+                {
+                    **base,
+                    "impl": "sdpa",
+                    "backends": sd,
+                    "best_backend": best_name,
+                    "us": best,
+                    "bytes": full_bytes,
+                    "GB_s": full_bytes / best / 1e3,
+                    "frac_copy": full_bytes / best / 1e3 / (copy * 1e3),
+                }
+            )
+            print(f"{model} B={batch} S={length} sdpa {sd}", flush=True)
+            for v in variants:
+                if v["model"] != model:
+                    continue
+                if v["layout"] == "shared" and (batch > 16 or length > 8192):
+                    continue  # 30x the reconstruction work of per-head latents: minutes at the big shapes
+                key = f"{v['model']}|{v['rho']}|{v['ranks']}|{v['dtype']}"
+                make = partial(
+                    problem, model, batch, length, v["r"], int8=v["dtype"] == "int8", layout=v["layout"]
+                )
+                p = make()
+                ps = [p] + [make(seed=i) for i in range(1, copies_for(p.latent_bytes()))]
+                try:
+                    us = bench_graph([kernel_fn(x, length) for x in ps])
+                    us_eager = bench(kernel_fn(p, length)) if (batch, length) == target else None
+                except Exception as exc:  # reported with its reason, not timed
+                    print(f"{key} B={batch} S={length}: {type(exc).__name__}: {exc}", flush=True)
+                    continue
+                del ps
+                row = {
+                    **base,
+                    "impl": "latent",
+                    "rho": v["rho"],
+                    "ranks": v["ranks"],
+                    "dtype": v["dtype"],
+                    "k_ranks": v["r"][0],
+                    "v_ranks": v["r"][1],
+                    **kernel_row(p, us, copy),
+                    "us_eager": us_eager,
+                }
+                checked = res["checks"][key]["ok"]
+                row["check_ok"] = checked
+                row["speedup_vs_best_sdpa"] = best / us if checked else None
+                res["rows"].append(row)
+                print(
+                    f"  {key}: {us:.1f} us, {row['GB_s']:.0f} GB/s ({row['frac_copy']:.0%} of copy), "
+                    f"x{best / us:.2f} vs {best_name}",
+                    flush=True,
+                )
+                if (
+                    v["ranks"] == "uniform"
+                    and v["dtype"] == "fp16"
+                    and v["rho"] == 0.5
+                    and batch <= 16
+                    and length <= 8192
+                ):
+                    naive_row = {**base, "impl": "naive", "rho": 0.5, "ranks": "uniform", "dtype": "fp16"}
+                    try:
+                        naive_row["us"] = bench(
+                            partial(naive.latent_attention_decode, p.q, p.kv, p.w, p.starts, p.ends),
+                            rep=50,
+                        )
+                        naive_row["bytes"] = p.latent_bytes()
+                    except torch.OutOfMemoryError:
+                        naive_row["us"] = None
+                        naive_row["note"] = "out of GPU memory (the naive path rebuilds K/V in fp32)"
+                    res["rows"].append(naive_row)
+                del p
+                torch.cuda.empty_cache()
+            save()
+    res["elapsed_s"] = time.time() - t0
+    save()
+    summarize(res)
+
+
+def summarize(res: dict[str, Any]) -> None:
+    rows = res["rows"]
+    t = TARGET
+    sd = [
+        r
+        for r in rows
+        if r["impl"] == "sdpa"
+        and r["model"] == t["model"]
+        and r["batch"] == t["batch"]
+        and r["length"] == t["length"]
+    ]
+    for r in rows:
+        if (
+            r["impl"] == "latent"
+            and r["model"] == t["model"]
+            and r["batch"] == t["batch"]
+            and r["length"] == t["length"]
+            and r["rho"] == t["rho"]
+        ):
+            print(
+                f"TARGET {r['ranks']:8s} {r['dtype']}: {r['us']:.1f} us, {r['frac_copy']:.0%} of copy, "
+                f"speedup {r['speedup_vs_best_sdpa']}"
+            )
+    if sd:
+        print(f"TARGET sdpa best {sd[0]['best_backend']}: {sd[0]['us']:.1f} us  backends {sd[0]['backends']}")
+
+
+# -- docs: table and plot from a JSON file ----------------------------------------------------------------
+def plot(args: argparse.Namespace) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = json.loads(Path(args.json).read_text())
+    rows = res["rows"]
+    docs = Path(args.docs)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, model in zip(axes, MODELS):
+        sel = [r for r in rows if r["model"] == model and r["batch"] == 16]
+        series = {
+            "best SDPA (full K/V)": [r for r in sel if r["impl"] == "sdpa"],
+            "latent fp16 ρ2=0.5 uniform": [
+                r
+                for r in sel
+                if r["impl"] == "latent"
+                and r["rho"] == 0.5
+                and r["ranks"] == "uniform"
+                and r["dtype"] == "fp16"
+            ],
+            "latent fp16 ρ2=0.5 ragged": [
+                r
+                for r in sel
+                if r["impl"] == "latent"
+                and r["rho"] == 0.5
+                and r["ranks"] == "ragged"
+                and r["dtype"] == "fp16"
+            ],
+            "latent int8 ρ2=0.5 uniform": [
+                r
+                for r in sel
+                if r["impl"] == "latent"
+                and r["rho"] == 0.5
+                and r["ranks"] == "uniform"
+                and r["dtype"] == "int8"
+            ],
+            "latent fp16 ρ2=0.9 uniform": [
+                r
+                for r in sel
+                if r["impl"] == "latent"
+                and r["rho"] == 0.9
+                and r["ranks"] == "uniform"
+                and r["dtype"] == "fp16"
+            ],
+            "shared latent fp16 ρ2=0.5": [
+                r for r in sel if r["impl"] == "latent" and r["rho"] == 0.5 and r["ranks"] == "shared"
+            ],
+        }
+        for label, pts in series.items():
+            pts = sorted(pts, key=lambda r: r["length"])
+            if pts:
+                ax.plot([r["length"] for r in pts], [r["us"] for r in pts], marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("cached tokens")
+        ax.set_ylabel("µs per decode step (one layer)")
+        ax.set_title(f"{model}, batch 16")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Decode attention on {res['device']} (median of do_bench)")
+    fig.tight_layout()
+    fig.savefig(docs / "kernel_latency.png", dpi=120)
+
+    lines = [
+        "| model | batch | tokens | impl | ρ2 | ranks | latents | µs | GB/s | of copy | vs best SDPA |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["impl"] == "sdpa":
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['length']} | SDPA ({r['best_backend']}) | 1 | | fp16 "
+                f"| {r['us']:.1f} | {r['GB_s']:.0f} | {r['frac_copy']:.0%} | 1.00× |"
+            )
+        elif r["impl"] == "latent":
+            sp = r["speedup_vs_best_sdpa"]
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['length']} | latent | {r['rho']} | {r['ranks']} | "
+                f"{r['dtype']} | {r['us']:.1f} | {r['GB_s']:.0f} | {r['frac_copy']:.0%} | "
+                f"{'n/a (check failed)' if sp is None else f'{sp:.2f}×'} |"
+            )
+        elif r["impl"] == "naive":
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['length']} | naive PyTorch | 0.5 | uniform | fp16 "
+                f"| {r['us']:.1f} | | | |"
+            )
+    (docs / "kernel_table.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {docs / 'kernel_latency.png'} and {docs / 'kernel_table.md'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="measure on the GPU and write JSON")
+    r.add_argument("--out", required=True)
+    r.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
+    r.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 32768])
+    r.add_argument(
+        "--max-kv-gb", type=float, default=18.0, help="skip shapes whose full fp16 K/V exceed this"
+    )
+    r.add_argument("--sweep", action="store_true", help="also time launch configurations at the target shape")
+    r.add_argument(
+        "--grid",
+        choices=("cross", "full"),
+        default="cross",
+        help="cross: all lengths at batch 16 and all batches at 8192 tokens; full: every combination",
+    )
+    r.add_argument(
+        "--time-budget", type=float, default=400.0, help="stop the shape grid after this many seconds"
+    )
+    p = sub.add_parser("plot", help="write docs/kernel_latency.png and docs/kernel_table.md from a JSON file")
+    p.add_argument("json")
+    p.add_argument("docs")
+    args = parser.parse_args()
+    if args.cmd == "run":
+        if not torch.cuda.is_available():
+            sys.exit("attention_decode.py run needs a CUDA GPU")
+        run(args)
+    else:
+        plot(args)
+
+
+if __name__ == "__main__":
+    main()
