@@ -381,6 +381,11 @@ def recipe_show(
 
 # -- command groups defined in their own modules ------------------------------------------------------
 # Each module defines its commands on its own typer app (or function); this block adds them to `lowrank`.
+from lowrank_kit.cli.bench import bench_app  # noqa: E402
+from lowrank_kit.cli.evaluate import eval_command  # noqa: E402
+
+app.command("eval")(eval_command)
+app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:

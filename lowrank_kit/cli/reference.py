@@ -14,7 +14,9 @@ def _options(cmd: Any) -> list[str]:
     rows = []
     for p in cmd.params:
         if p.param_type_name == "argument":
-            rows.append(f"| `{p.human_readable_name}` | argument{' (required)' if p.required else ''} | |")
+            # typer's own Argument class has no click `human_readable_name`; its metavar is the name.
+            name = getattr(p, "human_readable_name", None) or p.name.upper()
+            rows.append(f"| `{name}` | argument{' (required)' if p.required else ''} | |")
             continue
         if p.param_type_name != "option" or p.hidden:
             continue
