@@ -151,7 +151,8 @@ def eval_command(
             prompt_style=prompt_style,
             reporter=reporter,
         )
-        items_out = summary.pop("items")
+        raw = summary.pop("raw_predictions")
+        items_out = [{**row, "raw_prediction": text} for row, text in zip(summary.pop("items"), raw)]
     else:
         evaldata = load_eval_data(data, limit=limit, split=split)
         cache = eval_cache(no_cache, cache_dir)

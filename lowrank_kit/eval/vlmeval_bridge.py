@@ -99,7 +99,7 @@ def make_vlmeval_model(loaded, *, max_new_tokens: int, prompt_style: str):
 
         def __init__(self) -> None:
             super().__init__()
-            self.calls = 0
+            self.outputs: list[str] = []  # what generate_inner returned, in call order
 
         def use_custom_prompt(self, dataset):
             from vlmeval.dataset import DATASET_TYPE
@@ -121,7 +121,7 @@ def make_vlmeval_model(loaded, *, max_new_tokens: int, prompt_style: str):
             text = "\n".join(m["value"] for m in message if m["type"] == "text")
             inputs = build(loaded.processor, images, [{"role": "user", "content": text}])
             texts, _, _ = generate_texts(loaded.model, [inputs], tokenizer, generation)
-            self.calls += 1
+            self.outputs.append(texts[0])
             return texts[0]
 
     return LowRankVLM()
@@ -228,7 +228,10 @@ def evaluate_with_vlmeval(
             "seconds": round(time.perf_counter() - t0, 3),
             "vlmeval_version": getattr(vlmeval, "__version__", "unknown"),
             "vlmeval_dataset": name,
-            "generate_calls": model.calls,
+            "generate_calls": len(model.outputs),
+            # VLMEvalKit stores predictions in a TSV and reads them back with pandas, which turns "3" into
+            # "3.0" and "" into "nan"; `items` are those, as it scored them; these are the raw outputs.
+            "raw_predictions": model.outputs,
         }
     )
     return summary

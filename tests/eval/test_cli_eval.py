@@ -1,0 +1,114 @@
+"""`lowrank eval` through typer's CliRunner: JSON fields, tables, reference, cache, backends, errors."""
+
+import json
+import sys
+
+import pytest
+from eval_helpers import make_items
+from typer.testing import CliRunner
+
+from lowrank_kit.cli.main import app
+from lowrank_kit.data.tsv import write_tsv
+from lowrank_kit.models.tiny import save_tiny_checkpoint
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-eval")
+    save_tiny_checkpoint("llava", root / "model")
+    save_tiny_checkpoint("llava", root / "other", seed=1)
+    write_tsv(make_items(4), root / "data.tsv")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWRANK_KIT_CACHE", str(tmp_path / "cache"))
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_json_has_the_documented_fields(workspace, tmp_path):
+    res = invoke(
+        "eval", workspace / "model", "--data", workspace / "data.tsv", "--max-new-tokens", 2, "--json",
+        "--output", tmp_path / "full.json",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert {"accuracy", "n", "per_category", "nll"} <= set(data)
+    assert data["n"] == 4 and set(data["per_category"]) == {"cat0", "cat1"} and data["kl"] is None
+    full = json.loads((tmp_path / "full.json").read_text())
+    assert len(full["items"]) == 4 and {"prediction", "predicted", "correct", "nll"} <= set(full["items"][0])
+
+
+def test_reference_adds_kl_and_the_cache_is_used_on_a_rerun(workspace):
+    args = ["eval", workspace / "model", "--data", workspace / "data.tsv", "--max-new-tokens", 2, "--json"]
+    first = json.loads(invoke(*args, "--reference", workspace / "other").stdout)
+    assert first["kl"] > 0 and first["reference_accuracy"] is not None
+    again = json.loads(invoke(*args).stdout)
+    assert again["cache_hits"] == 4 and again["accuracy"] == first["accuracy"]
+    fresh = json.loads(invoke(*args, "--no-cache").stdout)
+    assert fresh["cache_hits"] == 0 and fresh["nll"] == pytest.approx(first["nll"])
+
+
+def test_table_output(workspace):
+    res = invoke(
+        "eval", workspace / "model", "--data", workspace / "data.tsv", "--max-new-tokens", 1, "--limit", 2
+    )
+    assert res.exit_code == 0, res.output
+    assert (
+        "accuracy" in res.stdout
+        and "per category" in res.stdout
+        and "NLL of the correct letter" in res.stdout
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--data", "nope.tsv"], r"Error: TSV file 'nope.tsv' does not exist"),
+        (
+            ["--data", "DATA", "--backend", "onnx"],
+            r"Error: unknown backend 'onnx'; available: native, vlmeval",
+        ),
+        (
+            ["--data", "DATA", "--prompt-style", "x"],
+            r"Error: unknown prompt style 'x'; available: letter, dataset",
+        ),
+        (["--data", "DATA", "--batch-size", "0"], r"Error: batch_size must be a positive integer, got 0"),
+        (
+            ["--data", "DATA", "--no-cache", "--cache-dir", "c"],
+            r"Error: --no-cache and --cache-dir contradict",
+        ),
+        (["--data", "DATA", "--limit", "0"], r"Error: --limit must be a positive integer, got 0"),
+    ],
+)
+def test_errors_are_one_line(workspace, args, message):
+    import re
+
+    args = [str(workspace / "data.tsv") if a == "DATA" else a for a in args]
+    res = invoke("eval", workspace / "model", *args)
+    assert res.exit_code == 2, res.output
+    assert re.search(message, res.output) and "Traceback" not in res.output
+
+
+def test_vlmeval_backend_without_vlmeval_says_how_to_install(workspace, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vlmeval", None)  # makes `import vlmeval` fail
+    res = invoke("eval", workspace / "model", "--data", workspace / "data.tsv", "--backend", "vlmeval")
+    assert res.exit_code == 2
+    assert (
+        "needs VLMEvalKit" in res.output
+        and "git clone https://github.com/open-compass/VLMEvalKit" in res.output
+    )
+
+
+def test_vlmeval_backend_refuses_a_reference(workspace):
+    res = invoke(
+        "eval", workspace / "model", "--data", workspace / "data.tsv", "--backend", "vlmeval",
+        "--reference", workspace / "other",
+    )  # fmt: skip
+    assert res.exit_code == 2 and "--reference needs --backend native" in res.output
