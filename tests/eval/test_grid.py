@@ -110,10 +110,13 @@ def test_an_interrupted_grid_resumes_where_it_stopped(workspace, tmp_path, monke
     assert sorted(count_compress) == ["rsvd@0.5", "rsvd@0.9", "svd@0.5"]  # the finished cell is kept
     assert results["cells"]["svd@0.9"] == first
 
-    # Changed settings: every cell is computed again.
+    # Changed settings: the finished cell is computed again.
     count_compress.clear()
-    run_accuracy_grid(spec(workspace, max_new_tokens=3), tmp_path / "out")
-    assert len(count_compress) == 4
+    changed = run_accuracy_grid(
+        spec(workspace, methods=["svd"], ratios=[0.9], max_new_tokens=3), tmp_path / "out"
+    )
+    assert count_compress == ["svd@0.9"]
+    assert changed["cells"]["svd@0.9"]["fingerprint"] != first["fingerprint"]
 
 
 def test_quantization_is_passed_to_every_cell(workspace, tmp_path):
