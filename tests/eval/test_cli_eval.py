@@ -112,3 +112,18 @@ def test_vlmeval_backend_refuses_a_reference(workspace):
         "--reference", workspace / "other",
     )  # fmt: skip
     assert res.exit_code == 2 and "--reference needs --backend native" in res.output
+
+
+def test_a_compressed_output_directory_evaluates_against_its_original(workspace, tmp_path):
+    from lowrank_kit.pipeline import compress_to_directory
+    from lowrank_kit.recipe import recipe_from_flags
+
+    recipe = recipe_from_flags(model=str(workspace / "model"), method="svd", ratio=0.5)
+    compress_to_directory(recipe, tmp_path / "svd-0.5", use_cache=False)
+    res = invoke(
+        "eval", tmp_path / "svd-0.5", "--data", workspace / "data.tsv", "--max-new-tokens", 1,
+        "--reference", workspace / "model", "--json",
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.stdout)
+    assert data["kl"] > 0 and data["n"] == 4
