@@ -109,7 +109,10 @@ O_RANK = typer.Option(
     None, "--rank", help="Explicit rank per matrix (per head for per-head methods) instead of --ratio."
 )
 O_QUANT = typer.Option(
-    None, "--quant", help="Quantization scheme: w8a8, w4a4, w8a4, w4a16, w8a16 (+ -kv8/-kv4)."
+    None,
+    "--quant",
+    help="Quantization scheme: w8a8, w4a4, w8a4, w4a16, w8a16, then optionally -kv8/-kv4 (latent cache "
+    "bits) and -qat (e.g. w8a8-kv8-qat); see docs/quantization.md.",
 )
 O_CALIB = typer.Option(None, "--calib-samples", help="Number of calibration samples (default 64).")
 O_SEED = typer.Option(None, "--seed", help="Calibration seed (default 0).")
