@@ -70,15 +70,23 @@ def rotate_input(
         map_rows(w, fn, dev)
 
 
-def rotate_output(linear: nn.Module, M: torch.Tensor, where: str) -> None:
-    """``W ← Mᵀ W``, ``b ← b M`` for a dense linear whose output is to be rotated by ``M``."""
+def rotate_output(
+    linear: nn.Module,
+    M: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+    where: str,
+    device: torch.device | None = None,
+) -> None:
+    """``W ← Mᵀ W``, ``b ← b M`` for a dense linear whose output is to be rotated by ``M`` (a matrix or a
+    function of fp64 rows): each column ``c`` of W becomes ``cᵀ M``."""
     if not isinstance(linear, nn.Linear):
         raise LowRankError(
             f"{where} is a {type(linear).__name__}; the output side of the residual stream must be an nn.Linear"
         )
-    _assign(linear.weight, M.T @ linear.weight.detach().to(M.device, torch.float64))
+    fn = M if callable(M) else (lambda rows: rows @ M)
+    dev = device if device is not None else (M.device if isinstance(M, torch.Tensor) else torch.device("cpu"))
+    map_rows(linear.weight.T, fn, dev)  # the rows of Wᵀ are the columns of W
     if linear.bias is not None:
-        _assign(linear.bias, linear.bias.detach().to(M.device, torch.float64) @ M)
+        map_rows(linear.bias.view(1, -1), fn, dev)
 
 
 def rotate_output_heads(module: nn.Module, T: torch.Tensor, heads: int, where: str) -> None:

@@ -23,6 +23,7 @@ on the residual stream itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -141,7 +142,16 @@ class HadamardQuantizer(Quantizer):
         if residual_factors[0].kind == "orthogonal":
             fallbacks.append(f"residual ({n})")
         signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(cfg.seed)) * 2 - 1
-        Q = (signs.to(torch.float64)[:, None] * hm.dense(residual_factors)).to(dev)
+        # Q = diag(signs) · (F_1 ⊗ F_2 ...), applied to rows through its Kronecker factors: n·Σ orders
+        # multiply-adds a row instead of n² (a 152k-row embedding table of width 3584: 23× fewer).
+        signs64 = signs.to(dev, torch.float64)
+        q_orders = [f.order for f in residual_factors]
+        q_mats = [m.to(dev) for m in hm.factor_matrices(residual_factors)]
+
+        def Q(rows: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+            """``rows · diag(scale) · Q`` (fp64)."""
+            x = rows * signs64 if scale is None else rows * (scale * signs64)
+            return hm.kron_apply(x, q_orders, q_mats)
 
         layers = adapter.decoder_layers(model)
         with job.reporter.stage("hadamard: rotate", total=len(layers) + 2) as st:
@@ -149,15 +159,15 @@ class HadamardQuantizer(Quantizer):
             rotated_embed = 0
             for p in embed.parameters(recurse=True):
                 if p.is_floating_point() and p.dim() == 2 and p.shape[-1] == n:
-                    map_rows(p, lambda rows: rows @ Q, dev)
+                    map_rows(p, Q, dev)
                     rotated_embed += 1
             if not rotated_embed:
                 raise LowRankError(
                     f"{adapter.embed_tokens!r} holds no embedding table of width {n} to rotate"
                 )
             proj_path, proj = projector_output(model, adapter, n)
-            rotate_output(proj, Q, proj_path)
-            loose = _rotate_loose_parameters(model, adapter, Q, dev)
+            rotate_output(proj, Q, proj_path, device=dev)
+            loose = _rotate_loose_parameters(model, adapter, Q, n, dev)
             st.advance()
 
             head_factors = (
@@ -177,10 +187,10 @@ class HadamardQuantizer(Quantizer):
             for i, layer in enumerate(layers):
                 where = f"layer {i}"
                 gamma = _check_rms_norm(get_submodule(layer, adapter.input_norm), f"{where} input norm", dev)
-                M = gamma[:, None] * Q
+                M = functools.partial(Q, scale=gamma)
                 done: set[int] = set()
                 for t in TARGETS:
-                    rotate_input(adapter.get_projection(model, i, t), M, f"{where} {t}", done)
+                    rotate_input(adapter.get_projection(model, i, t), M, f"{where} {t}", done, device=dev)
                 _reset_gain(get_submodule(layer, adapter.input_norm))
 
                 o_path = adapter.projection_path(i, "o_proj")
@@ -201,7 +211,7 @@ class HadamardQuantizer(Quantizer):
                         f"{where} o_proj",
                         device=dev,
                     )
-                rotate_output(o_proj, Q, f"{where} o_proj")
+                rotate_output(o_proj, Q, f"{where} o_proj", device=dev)
                 if cfg.online_o:
                     online = _transform([*heads_factors, None], [*(f.order for f in heads_factors), d])
                     set_submodule(model, o_path, HadamardInput(online.to(o_proj.weight.device), o_proj))
@@ -209,11 +219,11 @@ class HadamardQuantizer(Quantizer):
                 gamma2 = _check_rms_norm(
                     get_submodule(layer, adapter.post_attention_norm), f"{where} post-attention norm", dev
                 )
-                M2 = gamma2[:, None] * Q
+                M2 = functools.partial(Q, scale=gamma2)
                 for key, path in adapter.mlp.items():
                     if key == "down_proj":
                         continue
-                    rotate_input(get_submodule(layer, path), M2, f"{where} {key}")
+                    rotate_input(get_submodule(layer, path), M2, f"{where} {key}", device=dev)
                 _reset_gain(get_submodule(layer, adapter.post_attention_norm))
                 down_path = adapter.mlp["down_proj"]
                 down = get_submodule(layer, down_path)
@@ -234,7 +244,7 @@ class HadamardQuantizer(Quantizer):
                         f"{where} down_proj",
                         device=dev,
                     )
-                rotate_output(down, Q, f"{where} down_proj")
+                rotate_output(down, Q, f"{where} down_proj", device=dev)
                 if cfg.online_down:
                     online = _transform(list(factors), [f.order for f in factors])
                     set_submodule(layer, down_path, HadamardInput(online.to(down.weight.device), down))
@@ -243,7 +253,7 @@ class HadamardQuantizer(Quantizer):
             final = get_submodule(model, adapter.final_norm)
             gamma_f = _check_rms_norm(final, "the final norm", dev)
             lm_head = get_submodule(model, adapter.lm_head)
-            rotate_input(lm_head, gamma_f[:, None] * Q, "lm_head")
+            rotate_input(lm_head, functools.partial(Q, scale=gamma_f), "lm_head", device=dev)
             _reset_gain(final)
             st.advance()
 
@@ -269,7 +279,7 @@ class HadamardQuantizer(Quantizer):
         }
 
 
-def _rotate_loose_parameters(model: nn.Module, adapter, Q: torch.Tensor, dev: torch.device) -> list[str]:
+def _rotate_loose_parameters(model: nn.Module, adapter, Q, n: int, dev: torch.device) -> list[str]:
     """Rotate the parameters that sit between the vision side and the language model.
 
     A parameter outside the vision tower, the projector, the language model and lm_head can only be on
@@ -277,7 +287,6 @@ def _rotate_loose_parameters(model: nn.Module, adapter, Q: torch.Tensor, dev: to
     vector appended to each row of image features): one of width ``hidden`` is rotated like an
     embedding; anything else cannot be placed, which is an error rather than a silently wrong model.
     """
-    n = Q.shape[0]
     roots = [adapter.vision_tower, adapter.projector, adapter.language_model, adapter.lm_head]
     rotated = []
     for name, p in model.named_parameters():
@@ -288,7 +297,7 @@ def _rotate_loose_parameters(model: nn.Module, adapter, Q: torch.Tensor, dev: to
                 f"parameter {name!r} {list(p.shape)} sits between the vision side and the language model but is "
                 f"not {n} wide, so the residual rotation cannot be applied to it; drop hadamard for this model"
             )
-        map_rows(p.view(-1, n), lambda rows: rows @ Q, dev)
+        map_rows(p.view(-1, n), Q, dev)
         rotated.append(name)
     return rotated
 

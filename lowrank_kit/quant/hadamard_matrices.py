@@ -295,7 +295,8 @@ def kron_apply(x: torch.Tensor, orders: list[int], mats: list[torch.Tensor | Non
     order ``torch.kron`` uses; each factor then contracts its own axis.
     """
     lead = x.shape[:-1]
-    y = x.reshape(*lead, *orders)
+    # A contiguous copy first: reshaping a strided view (the columns of a weight) would copy per factor.
+    y = x.contiguous().reshape(*lead, *orders)
     k = len(orders)
     for i, M in enumerate(mats):
         if M is None:
