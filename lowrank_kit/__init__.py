@@ -22,6 +22,7 @@ _EXPORTS = {
     "compress_to_directory": "lowrank_kit.pipeline",
     "CompressionResult": "lowrank_kit.pipeline",
     "load": "lowrank_kit.checkpoint",
+    "enable_latent_decode": "lowrank_kit.runtime",
     "Recipe": "lowrank_kit.recipe",
     "load_recipe": "lowrank_kit.recipe",
     "save_recipe": "lowrank_kit.recipe",

@@ -363,11 +363,14 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    latent_decode: bool = False,
 ):
     """Load a compressed checkpoint; returns a :class:`~lowrank_kit.models.loading.LoadedModel`.
 
     Every file's checksum is verified first; the model is then built by transformers' ``from_pretrained``
     (through :mod:`lowrank_kit.hf_integration`), and any weight it did not find is an error.
+    ``latent_decode=True`` also runs :func:`lowrank_kit.runtime.enable_latent_decode` on it, so that
+    ``generate`` caches latents (the checkpoint's K and V must be low-rank).
     """
     import transformers
 
@@ -402,6 +405,10 @@ def load(
         found = "; ".join(f"{k.replace('_', ' ')} {v[:3]}" for k, v in problems.items() if v)
         raise CheckpointError(f"checkpoint {str(p)!r} does not match its model class: {found}")
     model.to(device).eval()
+    if latent_decode:
+        from lowrank_kit.runtime import enable_latent_decode
+
+        enable_latent_decode(model, adapter=adapter)
     try:
         processor = load_processor(p, trust_remote_code=trust_remote_code)
     except LowRankError:

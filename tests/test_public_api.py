@@ -16,6 +16,7 @@ EXPECTED = {
     "__version__",
     "compress",
     "compress_to_directory",
+    "enable_latent_decode",
     "get_registry",
     "hookimpl",
     "load",
