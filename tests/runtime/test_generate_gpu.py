@@ -1,0 +1,156 @@
+"""Greedy generate from latents through the compiled Triton kernel on a CUDA GPU.
+
+The tiny models are compressed on the CPU in fp32 (calibration), then moved to the GPU in 16 bits.
+The reference is the same compressed model on the same GPU with transformers' ordinary cache of the
+rebuilt K/V (the low-rank modules' outputs); the latent run uses ``backend="auto"``, which must pick
+the Triton kernel for CUDA tensors. Every family, every latent structure (per-head, one shared latent,
+the joint QKV latent), int8 latents, bf16, a head_dim of 128 and a prompt long enough for many
+sequence splits per row.
+"""
+
+import pytest
+import torch
+from runtime_helpers import (
+    DecodeCalls,
+    assert_greedy_agrees,
+    cache_of,
+    compress_model,
+    compressed_tiny,
+    decode_steps,
+    fake_quant_forward,
+    greedy,
+    model_from_config,
+    padded_batch,
+    set_bits,
+)
+
+from lowrank_kit.models.families import TINY_PAD
+from lowrank_kit.models.tiny import family_available, tiny_config
+from lowrank_kit.runtime import LatentLayer, enable_latent_decode
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU to run the compiled Triton kernel"
+    ),
+]
+
+NEW_TOKENS = 8
+# Fraction of each row's logit range. Both runs round to 16 bits in different places: the reference
+# caches K/V rounded after the up-projection, the latent path caches rounded latents and rebuilds K
+# in fp32 (on the CPU twin in fp16 the difference is ~1e-3 of the range, in bf16 ~8e-3). A dropped
+# bias, a wrong position or scale moves logits by ~1 of the range on these models.
+TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def _on_gpu(model, inputs: dict, dtype: torch.dtype):
+    model = model.to("cuda", dtype)
+    inputs = {k: (v.to("cuda", dtype) if v.is_floating_point() else v.to("cuda")) for k, v in inputs.items()}
+    return model, inputs
+
+
+def _compare(model, inputs, dtype, monkeypatch, kv_int8: bool = False, reference_model_setup=None):
+    """Greedy runs with the ordinary cache and with latents (Triton), checked token by token."""
+    ref = greedy(model, inputs, n=NEW_TOKENS)
+    if reference_model_setup is not None:
+        reference_model_setup()
+    enable_latent_decode(model)
+    calls = DecodeCalls(monkeypatch, triton=True)
+    out = greedy(model, inputs, n=NEW_TOKENS)
+    torch.cuda.synchronize()
+    assert calls.calls == calls.triton == decode_steps(model, out) > 0 and calls.naive == 0
+    layers = cache_of(out).layers
+    device = inputs["input_ids"].device
+    assert all(isinstance(layer, LatentLayer) and layer.k.device == device for layer in layers)
+    assert (layers[0].k.dtype == torch.int8) == kv_int8
+    assert_greedy_agrees(ref, out, TOL[dtype])
+    return out
+
+
+def _families(cases):
+    return [
+        pytest.param(
+            f,
+            m,
+            marks=pytest.mark.skipif(
+                not family_available(f), reason=f"this transformers lacks the {f} model class"
+            ),
+        )
+        for f, m in cases
+    ]
+
+
+@pytest.mark.parametrize(
+    ("family", "method"),
+    _families(
+        [
+            ("llava", "wsvd"),
+            ("llava", "svdllm"),
+            ("llava", "qsvd"),
+            ("llava_next", "wsvd"),
+            ("smolvlm", "asvd"),
+            ("qwen2_vl", "wsvd"),
+            ("qwen2_vl", "qsvd"),
+            ("qwen2_5_vl", "svdllm"),
+            ("molmo2", "wsvd"),
+        ]
+    ),
+)
+def test_generate_on_gpu_matches_ordinary_cache(family, method, monkeypatch):
+    model = compressed_tiny(family, method, ratio=0.5)
+    model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
+    _compare(model, inputs, torch.float16, monkeypatch)
+
+
+def test_generate_on_gpu_bf16(monkeypatch):
+    model = compressed_tiny("qwen2_vl", "wsvd", ratio=0.5)
+    model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.bfloat16)
+    _compare(model, inputs, torch.bfloat16, monkeypatch)
+
+
+@pytest.mark.parametrize(("family", "method"), _families([("qwen2_vl", "wsvd"), ("molmo2", "wsvd")]))
+def test_generate_on_gpu_int8_latents(family, method, monkeypatch):
+    """int8 latents against a reference whose K/V latents are fake-quantized the same way."""
+    model = compressed_tiny(family, method, ratio=0.5)
+    model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
+    mods = set_bits(model, 8)
+    fake_quant_forward(mods, 8)
+
+    def drop_fake_quant():
+        for mod in mods:
+            del mod.forward
+
+    _compare(model, inputs, torch.float16, monkeypatch, kv_int8=True, reference_model_setup=drop_fake_quant)
+
+
+def test_generate_on_gpu_head_dim_128(monkeypatch):
+    """Real head size: the K rebuild's dots at width 128 and ranks of tens, as in a 7B model."""
+    config = tiny_config("llava")
+    text = config.text_config
+    text.hidden_size, text.intermediate_size = 256, 512
+    text.num_attention_heads, text.num_key_value_heads, text.head_dim = 4, 2, 128
+    model = compress_model(model_from_config(config), "llava", "wsvd", ratio=0.5)
+    k_proj = model.model.language_model.layers[0].self_attn.k_proj
+    assert k_proj.head_dim == 128 and max(k_proj.ranks) > 16
+    model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
+    _compare(model, inputs, torch.float16, monkeypatch)
+
+
+def test_generate_on_gpu_long_prompt(monkeypatch):
+    """About 420 cached tokens per row, rows of different lengths: several sequence splits per row and
+    their merge."""
+    model = compressed_tiny("qwen2_vl", "wsvd", ratio=0.5)
+    inputs = padded_batch(model, pad=0)
+    prefix = torch.randint(4, 200, (2, 400), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(prefix)
+    prefix[0, :37], mask[0, :37] = TINY_PAD, 0  # row 0 is 37 tokens shorter, left-padded
+    ids = inputs["input_ids"]
+    for key, value in list(inputs.items()):
+        if key not in ("input_ids", "attention_mask") and value.shape[:2] == ids.shape:
+            # Per-token side inputs (Qwen2-VL's token types): the prefix is text, type 0.
+            inputs[key] = torch.cat([value.new_zeros(2, 400, *value.shape[2:]), value], dim=1)
+    inputs["input_ids"] = torch.cat([prefix, ids], dim=1)
+    inputs["attention_mask"] = torch.cat([mask, inputs["attention_mask"]], dim=1)
+    model, inputs = _on_gpu(model, inputs, torch.float16)
+    out = _compare(model, inputs, torch.float16, monkeypatch)
+    assert cache_of(out).layers[0].starts.tolist() == [37, 0]
