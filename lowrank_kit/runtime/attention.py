@@ -38,7 +38,7 @@ from torch import nn
 from lowrank_kit.kernels.latent_attention import BACKENDS, latent_attention_decode
 from lowrank_kit.kernels.latent_attention.naive import head_latents, rebuild_keys
 from lowrank_kit.models.base import ModelAdapter, get_submodule
-from lowrank_kit.runtime.cache import LatentLayer
+from lowrank_kit.runtime.cache import LatentCache, LatentLayer
 from lowrank_kit.runtime.convert import (
     LayerFactors,
     Materialized,
@@ -199,8 +199,10 @@ class LatentAttention:
             )
         layers = cache.layers
         if getattr(cache, "layer_class_to_replicate", None) is not None:
+            # A LatentCache makes its layers with its own chunk and max_length; other caches get ours.
+            make = cache.new_layer if isinstance(cache, LatentCache) else (lambda: LatentLayer(self.chunk))
             while len(layers) <= self.layer:
-                layers.append(LatentLayer(self.chunk))
+                layers.append(make())
         if self.layer >= len(layers):
             raise LatentDecodeError(f"the cache has {len(layers)} layers; layer {self.layer} has none")
         layer = layers[self.layer]
@@ -318,8 +320,11 @@ class LatentAttention:
             keys = rebuild_keys(layer.latent_kv(), w, length).to(q.dtype)
             values = self._values(layer, mat, length).to(q.dtype)
             mask, causal = _sdpa_mask(attention_mask, n, length, q.device)
+            # enable_gqa only where heads are shared: some SDPA backends refuse the flag, and the math
+            # fallback would hold [B, H, n, n] scores, tens of GB for a batch of 8K-token prompts.
+            gqa = f.num_heads != f.num_kv_heads
             out = F.scaled_dot_product_attention(
-                q, keys, values, attn_mask=mask, is_causal=causal, scale=f.scale, enable_gqa=True
+                q, keys, values, attn_mask=mask, is_causal=causal, scale=f.scale, enable_gqa=gqa
             )
             out = out.transpose(1, 2).reshape(b, n, f.num_heads * f.head_dim)
         return self.projections["o_proj"](out.to(hidden_states.dtype)), None

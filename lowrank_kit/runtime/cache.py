@@ -15,7 +15,9 @@ packed layout (:mod:`lowrank_kit.kernels.latent_attention.layout`):
   the cache length.
 
 Capacity grows in chunks (a geometric step rounded up to ``chunk`` slots), so appending a token is one
-copy into preallocated memory, not a reallocation.
+copy into preallocated memory, not a reallocation. ``max_length`` (prompt plus new tokens, when known)
+sizes the first allocation, so the cache is allocated once instead of growing by half its size (a
+copy of the whole cache, and for a moment both copies in memory) when decoding passes the prompt.
 """
 
 from __future__ import annotations
@@ -44,11 +46,16 @@ class LatentLayer(CacheLayerMixin):
     # transformers' early initialization hands a layer fake K/V tensors; latents need the layer's format.
     supports_early_init = False
 
-    def __init__(self, chunk: int = DEFAULT_CHUNK, **kwargs) -> None:
+    def __init__(self, chunk: int = DEFAULT_CHUNK, max_length: int | None = None, **kwargs) -> None:
         super().__init__()
         if chunk < 1:
             raise LatentDecodeError(f"the latent cache grows by chunks of at least 1 slot, got chunk={chunk}")
+        if max_length is not None and max_length < 1:
+            raise LatentDecodeError(
+                f"max_length is the number of tokens to allocate for (at least 1) or None, got {max_length}"
+            )
         self.chunk = int(chunk)
+        self.max_length = None if max_length is None else int(max_length)
         self.format: LatentFormat | None = None
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
@@ -168,7 +175,7 @@ class LatentLayer(CacheLayerMixin):
             raise LatentDecodeError("the latent cache layer was not initialized before appending")
         need = self.length + n
         if need > self.capacity:
-            grown = max(need, self.capacity + self.capacity // 2)
+            grown = max(need, self.capacity + self.capacity // 2, self.max_length or 0)
             self._allocate(_round_up(grown, self.chunk))
         return self.length, need
 
@@ -203,15 +210,22 @@ class LatentCache(Cache):
     """A transformers ``Cache`` of :class:`LatentLayer` (one per decoder layer, created as layers run).
 
     Pass it to ``generate(past_key_values=LatentCache())`` or let a latent-enabled model turn the empty
-    layers of transformers' default ``DynamicCache`` into latent ones.
+    layers of transformers' default ``DynamicCache`` into latent ones. ``chunk`` and ``max_length`` are
+    those of every layer (see the module docstring).
     """
 
-    def __init__(self, num_layers: int | None = None, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(
+        self, num_layers: int | None = None, chunk: int = DEFAULT_CHUNK, max_length: int | None = None
+    ) -> None:
+        self.chunk, self.max_length = chunk, max_length
         if num_layers is not None:
-            super().__init__(layers=[LatentLayer(chunk) for _ in range(num_layers)])
+            super().__init__(layers=[self.new_layer() for _ in range(num_layers)])
         else:
+            self.new_layer()  # checks chunk and max_length now rather than at the first forward
             super().__init__(layer_class_to_replicate=LatentLayer)
-        self.chunk = chunk
+
+    def new_layer(self) -> LatentLayer:
+        return LatentLayer(self.chunk, self.max_length)
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers if isinstance(layer, LatentLayer))

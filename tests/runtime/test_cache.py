@@ -1,9 +1,10 @@
 """The latent cache layer: chunked growth that keeps its contents, and transformers' layer interface."""
 
+import pytest
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from lowrank_kit.runtime import LatentCache, LatentLayer
+from lowrank_kit.runtime import LatentCache, LatentDecodeError, LatentLayer
 from lowrank_kit.runtime.convert import LatentFormat
 
 FMT = LatentFormat(
@@ -98,3 +99,25 @@ def test_reset():
     layer = _filled()
     layer.reset()
     assert layer.get_seq_length() == 0 and layer.k is None and not layer.is_initialized
+
+
+def test_max_length_sizes_the_first_allocation():
+    layer = LatentLayer(chunk=8, max_length=300)
+    layer.initialize(FMT, 2, torch.device("cpu"))
+    capacities = set()
+    for t in range(300):
+        _append(layer, 1, float(t))
+        capacities.add(layer.capacity)
+    assert capacities == {304}  # one allocation, rounded up to the chunk, for all 300 tokens
+    for t in range(300, 305):  # past the allocation the cache grows as without max_length
+        _append(layer, 1, float(t))
+    assert layer.capacity == 456 and layer.length == 305
+    assert torch.equal(layer.k[0, :305, 0], torch.arange(305, dtype=torch.float32))
+
+
+def test_latent_cache_passes_chunk_and_max_length_to_its_layers():
+    made = LatentCache(chunk=8, max_length=100).new_layer()
+    assert (made.chunk, made.max_length) == (8, 100)
+    assert [(x.chunk, x.max_length) for x in LatentCache(2, chunk=4, max_length=9).layers] == [(4, 9)] * 2
+    with pytest.raises(LatentDecodeError, match=r"max_length is the number of tokens .* got 0"):
+        LatentCache(max_length=0)

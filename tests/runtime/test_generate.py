@@ -105,9 +105,12 @@ def test_explicit_latent_cache_and_disable():
     ref = greedy(model, inputs)
     enable_latent_decode(model)
     assert latent_decode_enabled(model)
-    out = greedy(model, inputs, past_key_values=LatentCache())
+    total = inputs["input_ids"].shape[1] + len(ref.logits) - 1
+    out = greedy(model, inputs, past_key_values=LatentCache(chunk=4, max_length=total))
     assert_same_generation(ref, out)
     assert isinstance(cache_of(out), LatentCache)
+    # Layers made by the attention take the cache's chunk and max_length: allocated once, for all tokens.
+    assert all(layer.capacity == -(-total // 4) * 4 for layer in cache_of(out).layers)
     disable_latent_decode(model)
     assert not latent_decode_enabled(model)
     again = greedy(model, inputs)
