@@ -357,15 +357,17 @@ def build_random_model(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    config: Any = None,
 ) -> nn.Module:
     """The real architecture of ``alias`` with random weights, built directly on ``device``.
 
     Building on the target device skips a host copy (a 7B model in bf16 is 14 GB); ``device="meta"``
-    builds shapes only, for parameter counts without memory.
+    builds shapes only, for parameter counts without memory. ``config``: build this edited copy of the
+    preset's config instead (fewer layers for a quick run, say).
     """
     from lowrank_kit.models.loading import model_class_for
 
-    config = preset_config(alias)
+    config = preset_config(alias) if config is None else config
     cls = model_class_for(config)
     target = torch.device(device)
     cuda = [target.index or 0] if target.type == "cuda" else []

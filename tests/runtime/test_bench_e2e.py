@@ -1,0 +1,99 @@
+"""The end-to-end decode benchmark (lowrank_kit.runtime.bench, benchmarks/decode_e2e.py) on a shrunk
+architecture on the CPU: what it measures, that a broken latent path reports no speedup, its errors."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowrank_kit.runtime.attention as attention
+from lowrank_kit.errors import LowRankError
+from lowrank_kit.runtime.bench import E2ESettings, run_e2e, shrunk_config, summary_line
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_e2e.py"
+# Two layers of the LLaVA-NeXT-7B text model at 1/16 of its width (2 heads of 128), a short run.
+SMALL = dict(
+    device="cpu", dtype="float32", layers=2, hidden_scale=16, batch=2, context=48, steps=3, warmup=1,
+    calib_samples=2, calib_tokens=32,
+)  # fmt: skip
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("decode_e2e", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_run_measures_both_sides_and_checks_the_latent_path():
+    res = run_e2e(E2ESettings(**SMALL))
+    assert res["architecture"]["layers"] == 2 and res["architecture"]["head_dim"] == 128
+    assert res["architecture"]["heads"] == res["architecture"]["kv_heads"] == 2
+    comp = res["compression"]
+    assert comp["method"] == "wsvd" and 0.45 < comp["rho1"] < 0.55 and comp["rho2"] < 0.6
+    assert comp["ranks"]["k_proj"]["kind"] == "per_head"
+    assert res["check"]["ok"] and res["check"]["max_rel_logit_diff"] < 1e-5  # fp32 on both sides
+    assert res["latent_backend"] == "naive"
+    (row,) = res["rows"]
+    base, lat = row["baseline"], row["latent"]
+    assert base["cache_layer_type"] == "DynamicLayer" and lat["cache_layer_type"] == "LatentLayer"
+    assert base["cached_tokens_at_end"] == lat["cached_tokens_at_end"] == 48 + 1 + 3
+    # The latent cache holds about ρ2 of the K/V bytes (plus each token's position).
+    assert row["cache_bytes_ratio"] == pytest.approx(lat["cache_bytes"] / base["cache_bytes"])
+    assert comp["rho2"] <= row["cache_bytes_ratio"] < comp["rho2"] + 0.1
+    for side in (base, lat):
+        assert side["decode_tokens_per_s"] == pytest.approx(2 * 3 / side["decode_s"])
+        assert side["prefill_s"] > 0 and side["last_tokens_finite"]
+    assert row["speedup"] == pytest.approx(lat["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+    assert "HF" in summary_line(res) and "latent (naive)" in summary_line(res)
+
+
+def test_a_broken_latent_path_fails_the_check_and_reports_no_speedup(monkeypatch, tmp_path):
+    real = attention.latent_attention_decode
+    # Attention outputs off by half: what a wrong scale or a dropped token does to decode.
+    monkeypatch.setattr(attention, "latent_attention_decode", lambda *a, **k: 1.5 * real(*a, **k))
+    out = tmp_path / "e2e.json"
+    args = ["--tiny", "--device", "cpu", "--dtype", "float32", "--context", "48", "--steps", "2"]
+    assert _script().main([*args, "--output", str(out)]) == 1
+    res = json.loads(out.read_text())
+    assert res["check"]["ran"] and not res["check"]["ok"]
+    assert res["check"]["max_rel_logit_diff"] > res["check"]["tolerance"]
+    assert res["rows"][0]["speedup"] is None
+    assert "n/a: the latent check failed" in summary_line(res)
+    assert res["command"].startswith("python benchmarks/decode_e2e.py --tiny")
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"arch": "llava-8b"}, r"unknown model alias 'llava-8b'; available: .*llava-next-7b"),
+        ({"dtype": "fp8"}, r"unknown dtype 'fp8'; available: float16, bfloat16, float32"),
+        ({"batch": 0}, r"batch must be at least 1, got 0"),
+        ({"ratio": 1.5}, r"ratio ρ1 must be in \(0, 1\], got 1.5"),
+        ({"warmup": -1}, r"warmup must be 0 or more steps, got -1"),
+    ],
+)
+def test_bad_settings(settings, match):
+    with pytest.raises(LowRankError, match=match):
+        E2ESettings(**{**SMALL, **settings}).validate()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_on_a_machine_without_it():
+    with pytest.raises(LowRankError, match=r"device 'cuda' was asked for, but this machine has no CUDA GPU"):
+        E2ESettings(device="cuda").validate()
+
+
+def test_shrunk_config():
+    config = shrunk_config("qwen2-vl-7b", layers=3, hidden_scale=4)
+    text = config.get_text_config()
+    assert (text.num_hidden_layers, text.hidden_size, text.num_attention_heads) == (3, 896, 7)
+    assert text.num_key_value_heads == 1 and text.head_dim == 128
+    assert config.vision_config.depth == 2 and config.vision_config.hidden_size == 896  # the merger's output
+    assert config.vision_config.embed_dim == 1280  # the tower's own width
+    with pytest.raises(
+        LowRankError, match=r"hidden_scale 16 does not divide qwen2-vl-7b's .*; valid: 1, 2, 4$"
+    ):
+        shrunk_config("qwen2-vl-7b", hidden_scale=16)
