@@ -45,6 +45,24 @@ TARGET = dict(model="llava-next-7b", batch=16, length=8192, rho=0.5)
 CHECK_TOL = {"fp16": 3e-3, "int8": 3e-3}  # same roundings as the CPU tests (fp16 operands, fp32 accumulation)
 
 
+def attention_shape(alias: str) -> dict[str, Any]:
+    """The decode-attention shape of a preset (``lowrank models`` lists them), in :data:`MODELS`' form:
+    query and KV heads, head_dim, K bias, M-RoPE sections and QK-norm, read from its config."""
+    from lowrank_kit.models.loading import adapter_for_config
+    from lowrank_kit.models.presets import preset_config
+
+    config = preset_config(alias)
+    info = adapter_for_config(config).info(config)
+    return dict(
+        num_heads=info.num_heads,
+        num_kv_heads=info.num_kv_heads,
+        head_dim=info.head_dim,
+        bias=info.k_bias,
+        mrope_section=info.rope.mrope_section,
+        qk_norm=info.qk_norm,
+    )
+
+
 def uniform_ranks(rho: float, heads: int, d: int) -> list[int]:
     return [round(rho * d)] * heads
 
@@ -61,7 +79,7 @@ def ragged_ranks(rho: float, heads: int, d: int, seed: int) -> list[int]:
 
 
 def problem(
-    model: str,
+    model: str | dict[str, Any],
     batch: int,
     length: int,
     ranks: tuple[list[int], list[int]],
@@ -74,7 +92,7 @@ def problem(
 ):
     from lowrank_kit.kernels.latent_attention.testing import make_problem
 
-    m = MODELS[model]
+    m = MODELS[model] if isinstance(model, str) else model
     return make_problem(
         batch=batch,
         num_heads=m["num_heads"],
@@ -89,6 +107,7 @@ def problem(
         layout=layout,
         bias=m["bias"],
         mrope_section=m["mrope_section"],
+        qk_norm=m.get("qk_norm"),
         seed=seed,
         device="cuda",
     )
@@ -146,12 +165,12 @@ def sdpa_backends() -> dict[str, Any]:
     return found
 
 
-def time_sdpa(model: str, batch: int, length: int) -> dict[str, Any]:
+def time_sdpa(model: str | dict[str, Any], batch: int, length: int) -> dict[str, Any]:
     """Device µs of one decode step of SDPA on full fp16 K/V, per backend (a reason where one refuses)."""
     import torch.nn.functional as F
     from torch.nn.attention import sdpa_kernel
 
-    m = MODELS[model]
+    m = MODELS[model] if isinstance(model, str) else model
     hq, hkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
     gen = torch.Generator(device="cuda").manual_seed(0)
     n = copies_for(2 * batch * hkv * length * d * 2)
@@ -182,7 +201,7 @@ def time_sdpa(model: str, batch: int, length: int) -> dict[str, Any]:
     return out
 
 
-def check_variant(model: str, ranks, *, int8: bool, layout: str) -> tuple[bool, float]:
+def check_variant(model: str | dict[str, Any], ranks, *, int8: bool, layout: str) -> tuple[bool, float]:
     """Kernel vs naive twin on 1000 tokens, ragged rows and left padding, NaN-poisoned buffers."""
     from lowrank_kit.kernels.latent_attention import naive
     from lowrank_kit.kernels.latent_attention import triton as triton_impl
@@ -234,7 +253,18 @@ def grid_shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
     return [(tb, n) for n in args.lengths] + [(b, tn) for b in args.batches if b != tb]
 
 
-def run(args: argparse.Namespace) -> None:
+def run(
+    args: argparse.Namespace,
+    models: dict[str, dict[str, Any]] | None = None,
+    rhos: tuple[float, ...] = RHOS,
+    say=print,
+) -> dict[str, Any]:
+    """Measure and write ``args.out`` (JSON, rewritten after every shape); returns the results.
+
+    ``models``: name → shape as in :data:`MODELS` (the default); ``rhos``: the ρ2 values of the latent
+    variants; ``say``: where progress lines go. ``args``: ``out``, ``batches``, ``lengths``, ``grid``,
+    ``max_kv_gb``, ``time_budget`` and ``sweep`` (the launch sweep runs on :data:`MODELS`' shapes only).
+    """
     import triton
 
     from lowrank_kit.kernels.latent_attention import naive
@@ -259,13 +289,15 @@ def run(args: argparse.Namespace) -> None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(res, indent=1))
 
+    models = MODELS if models is None else models
+    res["models"] = {name: dict(m) for name, m in models.items()}
     res["copy_TB_s"] = copy = copy_bandwidth()
-    print(f"copy bandwidth {copy:.2f} TB/s", flush=True)
+    say(f"copy bandwidth {copy:.2f} TB/s")
 
     variants = []
-    for model, m in MODELS.items():
+    for model, m in models.items():
         hkv, d = m["num_kv_heads"], m["head_dim"]
-        for rho in RHOS:
+        for rho in rhos:
             uni = (uniform_ranks(rho, hkv, d), uniform_ranks(rho, hkv, d))
             rag = (ragged_ranks(rho, hkv, d, 1), ragged_ranks(rho, hkv, d, 2))
             for mode, ranks in (("uniform", uni), ("ragged", rag)):
@@ -281,11 +313,11 @@ def run(args: argparse.Namespace) -> None:
     for v in variants:
         key = f"{v['model']}|{v['rho']}|{v['ranks']}|{v['dtype']}"
         try:
-            ok, err = check_variant(v["model"], v["r"], int8=v["dtype"] == "int8", layout=v["layout"])
+            ok, err = check_variant(models[v["model"]], v["r"], int8=v["dtype"] == "int8", layout=v["layout"])
         except Exception as exc:  # a compile or launch failure is a failed check, reported with its reason
             ok, err = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         res["checks"][key] = {"ok": ok, "rel_err": err}
-        print(f"check {key}: {'ok' if ok else 'FAILED'} ({err})", flush=True)
+        say(f"check {key}: {'ok' if ok else 'FAILED'} ({err})")
     save()
 
     if args.sweep:
@@ -336,12 +368,12 @@ def run(args: argparse.Namespace) -> None:
                     if isinstance(us, float):
                         row.update(kernel_row(p, us, copy))
                     res["sweep"].append(row)
-                    print("sweep", row, flush=True)
+                    say(f"sweep {row}")
             del p
             torch.cuda.empty_cache()
         save()
 
-    for model, m in MODELS.items():
+    for model, m in models.items():
         hq, hkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
         for batch, length in grid_shapes(args):
             full_bytes = 2 * batch * hkv * length * d * 2
@@ -350,9 +382,9 @@ def run(args: argparse.Namespace) -> None:
             if time.time() - t0 > args.time_budget:
                 res["truncated"] = f"stopped at {model} B={batch} S={length}: time budget {args.time_budget}s"
                 save()
-                print(res["truncated"], flush=True)
-                return
-            sd = time_sdpa(model, batch, length)
+                say(res["truncated"])
+                return res
+            sd = time_sdpa(m, batch, length)
             timed = {k: t for k, t in sd.items() if isinstance(t, float)}
             best_name = min(timed, key=timed.get) if timed else None
             best = timed[best_name] if best_name else math.nan
@@ -369,7 +401,7 @@ def run(args: argparse.Namespace) -> None:
                     "frac_copy": full_bytes / best / 1e3 / (copy * 1e3),
                 }
             )
-            print(f"{model} B={batch} S={length} sdpa {sd}", flush=True)
+            say(f"{model} B={batch} S={length} sdpa {sd}")
             for v in variants:
                 if v["model"] != model:
                     continue
@@ -377,7 +409,7 @@ def run(args: argparse.Namespace) -> None:
                     continue  # 30x the reconstruction work of per-head latents: minutes at the big shapes
                 key = f"{v['model']}|{v['rho']}|{v['ranks']}|{v['dtype']}"
                 make = partial(
-                    problem, model, batch, length, v["r"], int8=v["dtype"] == "int8", layout=v["layout"]
+                    problem, m, batch, length, v["r"], int8=v["dtype"] == "int8", layout=v["layout"]
                 )
                 p = make()
                 ps = [p] + [make(seed=i) for i in range(1, copies_for(p.latent_bytes()))]
@@ -385,7 +417,7 @@ def run(args: argparse.Namespace) -> None:
                     us = bench_graph([kernel_fn(x, length) for x in ps])
                     us_eager = bench(kernel_fn(p, length)) if (batch, length) == target else None
                 except Exception as exc:  # reported with its reason, not timed
-                    print(f"{key} B={batch} S={length}: {type(exc).__name__}: {exc}", flush=True)
+                    say(f"{key} B={batch} S={length}: {type(exc).__name__}: {exc}")
                     continue
                 del ps
                 row = {
@@ -403,10 +435,9 @@ def run(args: argparse.Namespace) -> None:
                 row["check_ok"] = checked
                 row["speedup_vs_best_sdpa"] = best / us if checked else None
                 res["rows"].append(row)
-                print(
+                say(
                     f"  {key}: {us:.1f} us, {row['GB_s']:.0f} GB/s ({row['frac_copy']:.0%} of copy), "
-                    f"x{best / us:.2f} vs {best_name}",
-                    flush=True,
+                    f"x{best / us:.2f} vs {best_name}"
                 )
                 if (
                     v["ranks"] == "uniform"
@@ -431,10 +462,11 @@ def run(args: argparse.Namespace) -> None:
             save()
     res["elapsed_s"] = time.time() - t0
     save()
-    summarize(res)
+    summarize(res, say)
+    return res
 
 
-def summarize(res: dict[str, Any]) -> None:
+def summarize(res: dict[str, Any], say=print) -> None:
     rows = res["rows"]
     t = TARGET
     sd = [
@@ -453,12 +485,12 @@ def summarize(res: dict[str, Any]) -> None:
             and r["length"] == t["length"]
             and r["rho"] == t["rho"]
         ):
-            print(
+            say(
                 f"TARGET {r['ranks']:8s} {r['dtype']}: {r['us']:.1f} us, {r['frac_copy']:.0%} of copy, "
                 f"speedup {r['speedup_vs_best_sdpa']}"
             )
     if sd:
-        print(f"TARGET sdpa best {sd[0]['best_backend']}: {sd[0]['us']:.1f} us  backends {sd[0]['backends']}")
+        say(f"TARGET sdpa best {sd[0]['best_backend']}: {sd[0]['us']:.1f} us  backends {sd[0]['backends']}")
 
 
 # -- docs: table and plot from a JSON file ----------------------------------------------------------------
@@ -580,7 +612,7 @@ def main() -> None:
     if args.cmd == "run":
         if not torch.cuda.is_available():
             sys.exit("attention_decode.py run needs a CUDA GPU")
-        run(args)
+        run(args, say=partial(print, flush=True))
     else:
         plot(args)
 
