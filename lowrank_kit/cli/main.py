@@ -385,6 +385,7 @@ def recipe_show(
 # -- command groups defined in their own modules ------------------------------------------------------
 # Each module defines its commands on its own typer app (or function); this block adds them to `lowrank`.
 from lowrank_kit.cli.bench import bench_app  # noqa: E402
+from lowrank_kit.cli.bench_speed import speed as _bench_speed  # noqa: E402, F401  (registers `bench speed`)
 from lowrank_kit.cli.evaluate import eval_command  # noqa: E402
 
 app.command("eval")(eval_command)

@@ -1,0 +1,173 @@
+"""``lowrank bench speed``: decode-attention and end-to-end decode speed of a real architecture with
+random weights, on the GPU of this machine.
+
+It wraps the two benchmarks: :mod:`lowrank_kit.kernels.latent_attention.bench` (the latent kernel against
+SDPA on full K/V at the preset's attention shape, with a device-to-device copy as the ceiling) and
+:mod:`lowrank_kit.runtime.bench` (tokens/s of the uncompressed model on transformers against ``wsvd``
+decoding from latents). Both need CUDA; without it the command says so in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.table import Table
+
+from lowrank_kit.cli.bench import bench_app
+from lowrank_kit.cli.main import err_console, out, print_json
+from lowrank_kit.errors import LowRankError
+
+
+def _positive_ints(text: str, flag: str) -> list[int]:
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part.isdigit() or int(part) < 1:
+            raise LowRankError(f"{flag} takes comma-separated positive integers, e.g. 8,16; got {text!r}")
+        values.append(int(part))
+    if len(set(values)) != len(values):
+        raise LowRankError(f"{flag} lists a value twice: {text!r}")
+    return values
+
+
+def _fractions(text: str, flag: str) -> list[float]:
+    values = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            value = float(part)
+        except ValueError:
+            raise LowRankError(
+                f"{flag}: {part!r} is not a number; give fractions in (0, 1], e.g. 0.9,0.5"
+            ) from None
+        if not 0.0 < value <= 1.0:
+            raise LowRankError(f"{flag}: {value} is outside (0, 1]")
+        values.append(value)
+    return values
+
+
+def _kernel_table(res: dict[str, Any]) -> Table:
+    table = Table(title=f"decode attention, one layer ({res['device']}, copy {res['copy_TB_s']:.2f} TB/s)")
+    for col in ("batch", "tokens", "impl", "ρ2", "ranks", "latents", "µs", "of copy", "vs best SDPA"):
+        table.add_column(col, justify="left" if col in ("impl", "ranks", "latents") else "right")
+    for r in res["rows"]:
+        if r["impl"] == "sdpa":
+            table.add_row(
+                str(r["batch"]), str(r["length"]), f"SDPA ({r['best_backend']})", "1", "", "fp16",
+                f"{r['us']:.1f}", f"{r['frac_copy']:.0%}", "1.00×",
+            )  # fmt: skip
+        elif r["impl"] == "latent":
+            sp = r["speedup_vs_best_sdpa"]
+            table.add_row(
+                str(r["batch"]), str(r["length"]), "latent", f"{r['rho']:g}", r["ranks"], r["dtype"],
+                f"{r['us']:.1f}", f"{r['frac_copy']:.0%}", "n/a (check failed)" if sp is None else f"{sp:.2f}×",
+            )  # fmt: skip
+    return table
+
+
+def _e2e_table(res: dict[str, Any]) -> Table:
+    s = res["settings"]
+    table = Table(
+        title=f"end-to-end decode, {s['arch']} {s['dtype']}, {s['steps']} steps ({res['device']}); "
+        f"{s['method']} ρ1={s['ratio']} → ρ2={res['compression']['rho2']:.3f}"
+    )
+    for col in ("batch", "context", "HF tok/s", "latent tok/s", "speedup", "HF peak GiB", "latent peak GiB"):
+        table.add_column(col, justify="right")
+
+    def rate(side: dict[str, Any]) -> str:
+        return "out of memory" if "error" in side else f"{side['decode_tokens_per_s']:.1f}"
+
+    def peak(side: dict[str, Any]) -> str:
+        n = side.get("peak_gpu_memory_bytes")
+        return "-" if n is None else f"{n / 2**30:.1f}"
+
+    for r in res["rows"]:
+        b, lat = r["baseline"], r["latent"]
+        sp = r["speedup"]
+        check_ok = res["check"].get("ok", False)
+        table.add_row(
+            str(r["batch"]), str(r["context"]), rate(b), rate(lat),
+            f"{sp:.2f}×" if sp is not None else ("n/a" if check_ok else "n/a (check failed)"),
+            peak(b), peak(lat),
+        )  # fmt: skip
+    return table
+
+
+@bench_app.command("speed")
+def speed(
+    arch: str = typer.Option(
+        ..., "--arch", "-a", help="Required: a preset alias (see `lowrank models`), e.g. llava-next-7b."
+    ),
+    batch: str = typer.Option("8", "--batch", "-b", help="Comma-separated batch sizes."),
+    seq: str = typer.Option("8192", "--seq", "-s", help="Comma-separated cached tokens (context lengths)."),
+    rho2: str = typer.Option(
+        "0.5", "--rho2", help="Comma-separated ρ2 (fraction of the K/V cache kept) of the kernel's latents."
+    ),
+    ratio: float = typer.Option(0.5, "--ratio", help="ρ1 of the end-to-end run's wsvd compression."),
+    steps: int = typer.Option(32, "--steps", help="Timed decode steps of the end-to-end run."),
+    kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Run the decode-attention benchmark."),
+    e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Run the end-to-end decode benchmark."),
+    time_budget: float = typer.Option(
+        400.0, "--time-budget", help="Seconds after which the kernel benchmark stops adding shapes."
+    ),
+    output: Path = typer.Option(
+        Path("bench-speed"), "--output", "-o", help="Directory for kernel.json and e2e.json.", file_okay=False
+    ),
+    as_json: bool = typer.Option(False, "--json", help='Print {"kernel": {...}, "e2e": {...}} as JSON.'),
+) -> None:
+    """Decode speed of ARCH with random weights: the latent kernel against SDPA, then end to end."""
+    import torch
+
+    from lowrank_kit.kernels.latent_attention.bench import attention_shape
+    from lowrank_kit.models.presets import get_preset
+
+    get_preset(arch)  # an unknown alias is an error that lists the valid ones
+    batches, lengths = _positive_ints(batch, "--batch"), _positive_ints(seq, "--seq")
+    rhos = tuple(_fractions(rho2, "--rho2"))
+    if not 0.0 < ratio <= 1.0:
+        raise LowRankError(f"--ratio: {ratio} is outside (0, 1]; ρ1 is the fraction of parameters kept")
+    if steps < 1:
+        raise LowRankError(f"--steps must be at least 1, got {steps}")
+    if not (kernel or e2e):
+        raise LowRankError("--no-kernel and --no-e2e together leave nothing to run; drop one of them")
+    if not torch.cuda.is_available():
+        raise LowRankError(
+            "lowrank bench speed needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is "
+            "False); run it on a machine with an NVIDIA GPU"
+        )
+
+    def say(line: str) -> None:
+        err_console.print(line, markup=False, highlight=False)
+
+    output.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    if kernel:
+        from lowrank_kit.kernels.latent_attention.bench import run
+
+        args = argparse.Namespace(
+            out=str(output / "kernel.json"),
+            batches=batches,
+            lengths=lengths,
+            grid="full",
+            max_kv_gb=float("inf"),
+            time_budget=time_budget,
+            sweep=False,
+        )
+        results["kernel"] = run(args, models={arch: attention_shape(arch)}, rhos=rhos, say=say)
+    if e2e:
+        from lowrank_kit.runtime.bench import E2ESettings, run_e2e
+
+        settings = E2ESettings(arch=arch, batch=batches[0], context=lengths[0], steps=steps, ratio=ratio)
+        res = run_e2e(settings, shapes=[(b, n) for b in batches for n in lengths], say=say)
+        (output / "e2e.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+        results["e2e"] = res
+    if as_json:
+        print_json(results)
+        return
+    if kernel:
+        out.print(_kernel_table(results["kernel"]))
+    if e2e:
+        out.print(_e2e_table(results["e2e"]))
+    out.print(f"results: {output}")
