@@ -18,6 +18,7 @@ from lowrank_kit.kernels.latent_attention import (
     LatentLayout,
     LatentWeights,
     RopeSpec,
+    check_compiled,
     latent_attention_decode,
     naive,
     quantize_int8,
@@ -363,6 +364,13 @@ def test_unknown_backend_and_triton_without_gpu_or_interpreter(monkeypatch):
         LowRankError, match="the triton backend needs CUDA tensors \\(got cpu\\) or TRITON_INTERPRET=1"
     ):
         latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, backend="triton")
+
+
+def test_compiled_kernel_needs_head_dim_32():
+    with pytest.raises(LowRankError, match=r"needs head_dim >= 32 .*got head_dim 16; use backend='naive'"):
+        check_compiled(16)
+    check_compiled(32)
+    check_compiled(128)
 
 
 def test_weights_validation():

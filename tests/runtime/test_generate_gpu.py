@@ -1,6 +1,8 @@
 """Greedy generate from latents through the compiled Triton kernel on a CUDA GPU.
 
-The tiny models are compressed on the CPU in fp32 (calibration), then moved to the GPU in 16 bits.
+The tiny models have head_dim 32 (the families' tiny configs have 16, below what the compiled kernel's
+score dot takes; see ``check_compiled``); they are compressed on the CPU in fp32 (calibration), then
+moved to the GPU in 16 bits.
 The reference is the same compressed model on the same GPU with transformers' ordinary cache of the
 rebuilt K/V (the low-rank modules' outputs); the latent run uses ``backend="auto"``, which must pick
 the Triton kernel for CUDA tensors. Every family, every latent structure (per-head, one shared latent,
@@ -15,7 +17,6 @@ from runtime_helpers import (
     assert_greedy_agrees,
     cache_of,
     compress_model,
-    compressed_tiny,
     decode_steps,
     fake_quant_forward,
     greedy,
@@ -25,6 +26,7 @@ from runtime_helpers import (
 )
 
 from lowrank_kit.models.families import TINY_PAD
+from lowrank_kit.models.loading import adapter_for_config
 from lowrank_kit.models.tiny import family_available, tiny_config
 from lowrank_kit.runtime import LatentLayer, enable_latent_decode
 
@@ -41,6 +43,23 @@ NEW_TOKENS = 8
 # in fp32 (on the CPU twin in fp16 the difference is ~1e-3 of the range, in bf16 ~8e-3). A dropped
 # bias, a wrong position or scale moves logits by ~1 of the range on these models.
 TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def gpu_tiny(family: str, method: str, ratio: float = 0.5):
+    """The family's tiny model with head_dim 32 (random biases and norm gains), compressed."""
+    config = tiny_config(family)
+    text = config.get_text_config()
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        # Their attention derives head_dim from hidden_size / heads: 64 / 2, over one KV head.
+        text.num_attention_heads, text.num_key_value_heads = 2, 1
+    else:
+        text.head_dim = 32
+    rope = getattr(text, "rope_parameters", None) or {}
+    if rope.get("mrope_section"):
+        rope["mrope_section"] = [2 * s for s in rope["mrope_section"]]  # sums to head_dim / 2
+    model = compress_model(model_from_config(config), family, method, ratio=ratio)
+    assert adapter_for_config(model.config).attention_module(model, 0).head_dim == 32
+    return model
 
 
 def _on_gpu(model, inputs: dict, dtype: torch.dtype):
@@ -97,13 +116,13 @@ def _families(cases):
     ),
 )
 def test_generate_on_gpu_matches_ordinary_cache(family, method, monkeypatch):
-    model = compressed_tiny(family, method, ratio=0.5)
+    model = gpu_tiny(family, method)
     model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
     _compare(model, inputs, torch.float16, monkeypatch)
 
 
 def test_generate_on_gpu_bf16(monkeypatch):
-    model = compressed_tiny("qwen2_vl", "wsvd", ratio=0.5)
+    model = gpu_tiny("qwen2_vl", "wsvd")
     model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.bfloat16)
     _compare(model, inputs, torch.bfloat16, monkeypatch)
 
@@ -111,7 +130,7 @@ def test_generate_on_gpu_bf16(monkeypatch):
 @pytest.mark.parametrize(("family", "method"), _families([("qwen2_vl", "wsvd"), ("molmo2", "wsvd")]))
 def test_generate_on_gpu_int8_latents(family, method, monkeypatch):
     """int8 latents against a reference whose K/V latents are fake-quantized the same way."""
-    model = compressed_tiny(family, method, ratio=0.5)
+    model = gpu_tiny(family, method)
     model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
     mods = set_bits(model, 8)
     fake_quant_forward(mods, 8)
@@ -139,7 +158,7 @@ def test_generate_on_gpu_head_dim_128(monkeypatch):
 def test_generate_on_gpu_long_prompt(monkeypatch):
     """About 420 cached tokens per row, rows of different lengths: several sequence splits per row and
     their merge."""
-    model = compressed_tiny("qwen2_vl", "wsvd", ratio=0.5)
+    model = gpu_tiny("qwen2_vl", "wsvd")
     inputs = padded_batch(model, pad=0)
     prefix = torch.randint(4, 200, (2, 400), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(prefix)

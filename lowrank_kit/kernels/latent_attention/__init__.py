@@ -30,6 +30,7 @@ __all__ = [
     "LatentWeights",
     "RopeSpec",
     "align_for",
+    "check_compiled",
     "check_inputs",
     "latent_attention_decode",
     "quantize_int8",
@@ -109,6 +110,19 @@ def check_inputs(
         )
 
 
+def check_compiled(head_dim: int) -> None:
+    """Raise :class:`LowRankError` for a shape the compiled (not interpreted) Triton kernel cannot take.
+
+    The score dot reduces over half a head (rotate-half RoPE splits ``d`` into two halves), and
+    Triton's fp16/bf16 ``tl.dot`` on NVIDIA GPUs needs a reduction of at least 16 elements.
+    """
+    if head_dim < 32:
+        raise LowRankError(
+            f"the compiled Triton kernel needs head_dim >= 32 (its score dot reduces over head_dim/2 >= 16 "
+            f"elements), got head_dim {head_dim}; use backend='naive' for this model"
+        )
+
+
 def latent_attention_decode(
     q: torch.Tensor,
     kv: LatentKV,
@@ -144,6 +158,8 @@ def latent_attention_decode(
             f"the triton backend needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1; "
             "use backend='naive' or 'auto' on the CPU"
         )
+    if q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        check_compiled(w.head_dim)
     from lowrank_kit.kernels.latent_attention import triton as triton_impl
 
     return triton_impl.latent_attention_decode(q, kv, w, starts, ends, max_len=max_len, out=out)
