@@ -387,9 +387,11 @@ def recipe_show(
 from lowrank_kit.cli.bench import bench_app  # noqa: E402
 from lowrank_kit.cli.bench_speed import speed as _bench_speed  # noqa: E402, F401  (registers `bench speed`)
 from lowrank_kit.cli.evaluate import eval_command  # noqa: E402
+from lowrank_kit.cli.testbed import testbed_app  # noqa: E402
 
 app.command("eval")(eval_command)
 app.add_typer(bench_app, name="bench")
+app.add_typer(testbed_app, name="testbed")
 
 
 def main() -> None:
