@@ -54,8 +54,17 @@ def check_output_available(output: str | Path, *, overwrite: bool) -> Path:
         raise CheckpointError(
             f"output {str(out)!r} already exists; choose another --output or pass --overwrite"
         )
-    if not out.parent.is_dir():
-        raise CheckpointError(f"the parent directory of output {str(out)!r} does not exist; create it first")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(
+                    f"cannot create output {str(out)!r}: {str(parent)!r} is a file, not a directory"
+                )
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise CheckpointError(
+                    f"cannot create output {str(out)!r}: directory {str(parent)!r} is not writable"
+                )
+            break
     return out
 
 
@@ -119,6 +128,7 @@ def atomic_directory(target: Path, *, overwrite: bool) -> Iterator[Path]:
     removes what it left (and restores a previous checkpoint it had moved aside).
     """
     target = Path(target)
+    made = _make_parents(target)
     _recover_stale(target)
     tmp = _side_path(target, "partial")
     try:
@@ -142,10 +152,39 @@ def atomic_directory(target: Path, *, overwrite: bool) -> Iterator[Path]:
         _fsync(target.parent)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         raise _write_error(err, target) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         raise
+
+
+def _make_parents(target: Path) -> list[Path]:
+    """Create the missing parent directories of ``target``; return them, deepest first."""
+    missing: list[Path] = []
+    for parent in target.parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    made: list[Path] = []
+    try:
+        for p in reversed(missing):
+            p.mkdir()
+            made.append(p)
+    except OSError as err:
+        _remove_made(list(reversed(made)))
+        raise _write_error(err, target) from None
+    return list(reversed(made))
+
+
+def _remove_made(made: list[Path]) -> None:
+    """Remove directories created by ``_make_parents`` (deepest first) if they are still empty."""
+    for p in made:
+        try:
+            p.rmdir()
+        except OSError:
+            break
 
 
 # -- writing -----------------------------------------------------------------------------------------

@@ -235,9 +235,9 @@ def train(
     device = torch.device(device)
     model.to(device).train()
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for pname, p in model.named_parameters():
         # Norm gains, biases and embeddings are not decayed (the usual transformer recipe).
-        (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or "embed" in pname or "norm" in pname else decay).append(p)
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": settings.weight_decay},

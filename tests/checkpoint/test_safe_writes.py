@@ -75,12 +75,30 @@ def test_overwrite_replaces_the_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
-def test_output_that_is_a_file_or_has_no_parent(result, tmp_path):
+def test_output_that_is_a_file_or_under_a_file(result, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(CheckpointError, match="exists and is not a directory"):
         save_compressed(result, tmp_path / "file", overwrite=True)
-    with pytest.raises(CheckpointError, match="parent directory of output .* does not exist; create it"):
-        save_compressed(result, tmp_path / "missing" / "ckpt")
+    with pytest.raises(CheckpointError, match="'.*file' is a file, not a directory"):
+        save_compressed(result, tmp_path / "file" / "sub" / "ckpt")
+
+
+def test_missing_parent_directories_are_created(result, tmp_path):
+    out = save_compressed(result, tmp_path / "a" / "b" / "ckpt")
+    assert (out / "model.safetensors").is_file()
+    assert out == tmp_path / "a" / "b" / "ckpt"
+
+
+def test_a_failed_write_removes_the_parents_it_created(result, tmp_path, monkeypatch):
+    import lowrank_kit.checkpoint as ckpt
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(ckpt, "_fsync", boom)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        save_compressed(result, tmp_path / "a" / "b" / "ckpt")
+    assert list(tmp_path.iterdir()) == []
 
 
 def dead_pid() -> int:
