@@ -12,8 +12,10 @@ that is a property of the input's name, the same for every family that produces 
   or one row per patch or crop (Qwen2-VL ``pixel_values`` with ``image_grid_thw``, Molmo2 crops);
   shorter trailing axes are zero-padded, which is what the processors themselves do (LLaVA-NeXT and
   SmolVLM models drop all-zero tiles and images);
-- Molmo2's ``image_token_pooling`` indexes the flattened patches of the whole batch, so each item's
-  indices are shifted by the patches of the items before it (padding entries stay -1).
+- Molmo2's ``image_token_pooling``: up to transformers 5.23 it indexes the flattened patches of the
+  whole batch, so each item's indices are shifted by the patches of the items before it (padding
+  entries stay -1); from 5.25 each image's indices address its own patches and the model shifts them,
+  so they are only stacked (:func:`~lowrank_kit.models.families.molmo2_pooling_per_image`).
 
 An input not named here is an error rather than something silently dropped or guessed.
 """
@@ -104,10 +106,13 @@ def collate(inputs: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dic
         if key in keys:
             batch[key] = _stack([row[key] for row in inputs])
     if POOLING_KEY in keys:
+        from lowrank_kit.models.families import molmo2_pooling_per_image
+
+        per_image = molmo2_pooling_per_image()
         shifted, offset = [], 0
         for row in inputs:
             idx = row[POOLING_KEY]
-            shifted.append(torch.where(idx >= 0, idx + offset, idx))
+            shifted.append(idx if per_image else torch.where(idx >= 0, idx + offset, idx))
             offset += _patches(row["pixel_values"]) if "pixel_values" in row else 0
         batch[POOLING_KEY] = _stack(shifted, value=-1)
     return batch

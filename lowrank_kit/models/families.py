@@ -12,6 +12,7 @@ q_proj/k_proj/v_proj modules for the decomposition to replace.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -380,6 +381,24 @@ def molmo2_missing_message() -> str:
         f"model family molmo2 needs transformers.Molmo2ForConditionalGeneration, which transformers "
         f"{transformers.__version__} lacks; upgrade transformers (5.23 has it)"
     )
+
+
+@functools.cache
+def molmo2_pooling_per_image() -> bool:
+    """Whether the installed transformers' Molmo2 takes ``image_token_pooling`` per image.
+
+    Up to transformers 5.23 the processor emitted indices into the flattened patches of the whole
+    batch; from 5.25 each image's indices address only its own patches and the model adds the
+    offsets itself (from ``image_num_crops``). Inputs built or batched outside the processor (the
+    tiny models, :mod:`lowrank_kit.eval.batching`) follow whichever the installed model expects. Read
+    from the model's own code: the offsetting step is what changed.
+    """
+    import inspect
+
+    from transformers.models.molmo2 import modeling_molmo2
+
+    source = inspect.getsource(modeling_molmo2.Molmo2Model.get_image_features)
+    return "image_num_crops" in source and "offsets" in source
 
 
 MOLMO_REMOTE_REASON = (

@@ -22,7 +22,13 @@ from torch import nn
 
 from lowrank_kit.errors import ModelLoadError, unknown_name
 from lowrank_kit.models.base import ModelAdapter
-from lowrank_kit.models.families import TINY_BOS, TINY_EOS, TINY_IMAGE_TOKEN, TINY_PAD
+from lowrank_kit.models.families import (
+    TINY_BOS,
+    TINY_EOS,
+    TINY_IMAGE_TOKEN,
+    TINY_PAD,
+    molmo2_pooling_per_image,
+)
 
 # Prompt tokens are drawn below the placeholder ids, so a random prompt never contains an image token.
 _TEXT_IDS = (4, 200)
@@ -148,6 +154,7 @@ def _molmo2_inputs(config: Any, batch: int, gen: torch.Generator, dtype: torch.d
     vision = config.vision_config
     rows, cols = (s // vision.patch_size for s in vision.image_size)
     n_patches = rows * cols
+    per_image = molmo2_pooling_per_image()
     # One crop per image; each image token attention-pools a 2×2 block of that crop's patches.
     pool = []
     for r in range(0, rows - 1, 2):
@@ -163,8 +170,11 @@ def _molmo2_inputs(config: Any, batch: int, gen: torch.Generator, dtype: torch.d
     return {
         "input_ids": ids,
         "pixel_values": _pixels(gen, (batch, n_patches, patch_dim), dtype),
-        # Pooling indices address the crops of the whole batch, flattened.
-        "image_token_pooling": torch.cat([pool_t + i * n_patches for i in range(batch)]),
+        # Pooling indices address each image's own crops (transformers >= 5.25) or the crops of the
+        # whole batch, flattened (earlier): whichever the installed model expects.
+        "image_token_pooling": torch.cat(
+            [pool_t if per_image else pool_t + i * n_patches for i in range(batch)]
+        ),
         # [low-res rows, low-res cols, high-res rows, high-res cols]: all tokens in the first grid.
         "image_grids": torch.tensor([[rows // 2, cols // 2, 0, 0]] * batch),
         "image_num_crops": torch.ones(batch, dtype=torch.long),

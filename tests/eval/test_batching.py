@@ -58,7 +58,11 @@ def test_llava_next_rows_keep_their_image_sizes():
     assert (batch["input_ids"][:, -1] == batch["input_ids"][0, -1]).all()  # left padding: rows end together
 
 
-def test_pooling_indices_are_shifted_per_item():
+@pytest.mark.parametrize("per_image", [False, True])
+def test_pooling_indices_follow_the_installed_convention(monkeypatch, per_image):
+    from lowrank_kit.models import families
+
+    monkeypatch.setattr(families, "molmo2_pooling_per_image", lambda: per_image)
     rows = []
     for _ in range(2):
         pool = torch.tensor([[0, 1, -1], [2, 3, -1]])
@@ -70,7 +74,21 @@ def test_pooling_indices_are_shifted_per_item():
             }
         )
     batch = collate(rows, pad_token_id=0)
-    assert batch["image_token_pooling"].tolist() == [[0, 1, -1], [2, 3, -1], [4, 5, -1], [6, 7, -1]]
+    # transformers <= 5.23: indices into the whole batch's patches; >= 5.25: each image's own.
+    second = [[0, 1, -1], [2, 3, -1]] if per_image else [[4, 5, -1], [6, 7, -1]]
+    assert batch["image_token_pooling"].tolist() == [[0, 1, -1], [2, 3, -1], *second]
+
+
+def test_the_pooling_convention_is_read_from_the_installed_model():
+    pytest.importorskip("transformers.models.molmo2")
+    import transformers
+
+    from lowrank_kit.models.families import molmo2_pooling_per_image
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    if (major, minor) < (5, 25):
+        pytest.skip(f"transformers {transformers.__version__}: only 5.25+ is known to take per-image indices")
+    assert molmo2_pooling_per_image() is True
 
 
 def test_unknown_input_is_an_error():
