@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the generator, tokenizer, architecture or training changes: old builds then stay where
 # they are and a new one is built next to them.
-TESTBED_VERSION = 1
+TESTBED_VERSION = 2
 INFO_FILE = "testbed.json"
 WEIGHTS_FILE = "model.safetensors"
 SEED = 0
@@ -161,6 +161,22 @@ def ensure_testbed(
     return path
 
 
+def training_items(settings: Any, seed: int) -> list:
+    """The first ``settings.train_items`` train-split items, then each ``extra_items`` category's next ones."""
+    from lowrank_kit.testbed.generator import CATEGORIES, generate_items, make_item
+
+    items = generate_items("train", settings.train_items, seed=seed)
+    for category, n in settings.extra_items:
+        if category not in CATEGORIES:
+            raise unknown_name("testbed category (extra_items)", category, CATEGORIES)
+        k = CATEGORIES.index(category)
+        first = settings.train_items + (k - settings.train_items) % len(CATEGORIES)
+        items.extend(
+            make_item("train", p, seed) for p in range(first, first + n * len(CATEGORIES), len(CATEGORIES))
+        )
+    return items
+
+
 def build_testbed(
     size: str, directory: Path, *, device: str = "cpu", reporter: Reporter = NULL_REPORTER
 ) -> dict[str, Any]:
@@ -185,7 +201,7 @@ def build_testbed(
     with deterministic(spec.threads):
         processor = build_processor(IMAGE_SIZE, PATCH_SIZE)
         tokenizer = processor.tokenizer
-        items = generate_items("train", settings.train_items, seed=SEED)
+        items = training_items(settings, SEED)
         samples, aux = [], []
         with reporter.stage(f"testbed {size}: training data", total=len(items)) as stage:
             for item in items:
@@ -227,7 +243,8 @@ def build_testbed(
         "weights_sha256": sha256_file(directory / WEIGHTS_FILE),
         "config": spec.summary(),
         "training": {
-            "train_items": settings.train_items,
+            "train_items": len(items),
+            "extra_items": dict(settings.extra_items),
             "steps": settings.steps,
             "batch_size": settings.batch_size,
             "lr": settings.lr,

@@ -61,7 +61,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 # Side of the object's bounding box in pixels; every size fits inside a cell.
-SIZES: dict[str, int] = {"tiny": 4, "small": 6, "medium": 8, "large": 11}
+# Side in pixels. Every (shape, size) renders to a different patch (at 4 px a circle and a cross were
+# the same pixels, which made some shape and count questions unanswerable); tests check it.
+SIZES: dict[str, int] = {"tiny": 5, "small": 7, "medium": 9, "large": 11}
 QUARTERS = ("top left", "top right", "bottom left", "bottom right")
 RELATIONS = ("to the left", "to the right", "above", "below")
 COUNT_OPTIONS = ("1", "2", "3", "4")
@@ -129,8 +131,6 @@ def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject) -> None:
         draw.rectangle((x0, y0, x1, y1), fill=fill)
     elif obj.shape == "triangle":
         draw.polygon([(obj.x, y0), (x1, y1), (x0, y1)], fill=fill)
-    elif obj.shape == "diamond":
-        draw.polygon([(obj.x, y0), (x1, obj.y), (obj.x, y1), (x0, obj.y)], fill=fill)
     elif obj.shape == "cross":
         bar = max(1.0, side / 6)
         draw.rectangle((x0, obj.y - bar, x1, obj.y + bar), fill=fill)
