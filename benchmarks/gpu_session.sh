@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# One device session's GPU work, in one command (device time is scarce; see docs/benchmarks.md):
+# the compiled-kernel and GPU-runtime tests, the end-to-end decode benchmark at the target shape,
+# the decode-attention shape grid, and the testbed's quantization table on the GPU. Results land
+# in $OUT (JSON, test logs); copy them into benchmarks/results/ and commit them.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [e2e grid quant tests]   # default: all four
+#
+# The device image has torch/triton/transformers but not pydantic: wheels for its Python carried in
+# .whl/ are installed to /tmp/site first when present.
+set -uo pipefail
+OUT=${OUT:?set OUT to a directory for the results}
+mkdir -p "$OUT"
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests e2e grid quant)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+export LOWRANK_KIT_CACHE=/tmp/lowrank-cache
+python3 - <<'PY' | tee "$OUT/environment.txt"
+import importlib, platform
+import torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+print("gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+for m in ("triton", "transformers", "pydantic", "typer", "rich", "pluggy", "datasets", "safetensors", "yaml"):
+    try:
+        print(m, getattr(importlib.import_module(m), "__version__", "?"))
+    except Exception as e:
+        print(m, "MISSING", type(e).__name__, e)
+import transformers
+print("CLIPImageProcessor", hasattr(transformers, "CLIPImageProcessor"),
+      "CLIPImageProcessorPil", hasattr(transformers, "CLIPImageProcessorPil"))
+PY
+status=0
+step() {  # step NAME SECONDS CMD...: run with a wall-clock limit, log to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/steps.txt"
+  tail -5 "$OUT/$name.log"
+  [ $rc -ne 0 ] && status=1
+  return 0
+}
+for p in "${parts[@]}"; do
+  case $p in
+    tests)
+      step gpu_tests 170 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention_gpu.py \
+        tests/runtime/test_generate_gpu.py tests/testbed/test_generator.py ;;
+    e2e)
+      step decode_e2e 390 python3 benchmarks/decode_e2e.py --output "$OUT/decode_e2e_llava-next-7b_h200.json" ;;
+    grid)
+      step attention_grid 300 python3 benchmarks/attention_decode.py run --grid cross --time-budget 200 \
+        --out "$OUT/attention_decode_grid_h200.json" ;;
+    quant)
+      step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
+        --output "$OUT/quant_accuracy_testbed_h200.json" --table "$OUT/quant_accuracy_table.md" ;;
+    *) echo "unknown part '$p' (tests, e2e, grid, quant)"; exit 2 ;;
+  esac
+done
+exit $status
