@@ -503,8 +503,12 @@ def plot(args: argparse.Namespace) -> None:
     res = json.loads(Path(args.json).read_text())
     rows = res["rows"]
     docs = Path(args.docs)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, model in zip(axes, MODELS):
+    # A model the run did not reach (time budget) gets no empty panel.
+    measured = [m for m in MODELS if any(r["model"] == m and r["batch"] == 16 for r in rows)]
+    if not measured:
+        raise SystemExit(f"{args.json}: no batch-16 rows to plot")
+    fig, axes = plt.subplots(1, len(measured), figsize=(5.5 * len(measured), 4.2), squeeze=False)
+    for ax, model in zip(axes[0], measured):
         sel = [r for r in rows if r["model"] == model and r["batch"] == 16]
         series = {
             "best SDPA (full K/V)": [r for r in sel if r["impl"] == "sdpa"],
@@ -554,7 +558,7 @@ def plot(args: argparse.Namespace) -> None:
         ax.set_ylabel("µs per decode step (one layer)")
         ax.set_title(f"{model}, batch 16")
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Decode attention on {res['device']} (median of do_bench)")
     fig.tight_layout()
     fig.savefig(docs / "kernel_latency.png", dpi=120)
