@@ -50,21 +50,23 @@ def _spec(variant: dict[str, Any]):
         else:
             valid = ", ".join(sorted(arch_fields | train_fields))
             raise SystemExit(f"variant {variant}: unknown field {key!r}; valid: size, name, seed, {valid}")
-    return size, dataclasses.replace(spec, train=dataclasses.replace(spec.train, **train), **arch)
+    from lowrank_kit.errors import LowRankError
+
+    try:
+        return size, dataclasses.replace(spec, train=dataclasses.replace(spec.train, **train), **arch)
+    except LowRankError as exc:
+        raise SystemExit(f"variant {variant}: {exc}") from None
 
 
 def _run(variant: dict[str, Any]) -> dict[str, Any]:
     from lowrank_kit.testbed import build as B
-    from lowrank_kit.testbed import model as M
 
     size, spec = _spec(variant)
-    M.SIZES[size] = spec  # this worker process only: each variant gets a fresh one (maxtasksperchild=1)
-    if "seed" in variant:
-        B.SEED = int(variant["seed"])  # the data (train and test splits) and the initialisation
+    seed = int(variant.get("seed", B.SEED))  # the data (train and test splits) and the initialisation
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="testbed-sweep-") as tmp:
         try:
-            info = B.build_testbed(size, Path(tmp), device="cpu")
+            info = B.build_testbed(size, Path(tmp), device="cpu", spec=spec, seed=seed)
         except Exception as exc:  # one failed variant must not lose the others' results
             return {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}
     return {
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     ctx = mp.get_context("spawn")
+    # A fresh process per variant: nothing (allocator state, thread pools) carries over between builds.
     with ctx.Pool(max(1, args.jobs), maxtasksperchild=1) as pool:
         for result in pool.imap(_run, variants):
             results.append(result)

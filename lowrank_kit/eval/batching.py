@@ -108,11 +108,11 @@ def collate(inputs: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dic
     if POOLING_KEY in keys:
         from lowrank_kit.models.families import molmo2_pooling_per_image
 
-        per_image = molmo2_pooling_per_image()
-        shifted, offset = [], 0
-        for row in inputs:
-            idx = row[POOLING_KEY]
-            shifted.append(idx if per_image else torch.where(idx >= 0, idx + offset, idx))
-            offset += _patches(row["pixel_values"]) if "pixel_values" in row else 0
+        shifted = [row[POOLING_KEY] for row in inputs]
+        if not molmo2_pooling_per_image():
+            offset = 0
+            for i, row in enumerate(inputs):
+                shifted[i] = torch.where(shifted[i] >= 0, shifted[i] + offset, shifted[i])
+                offset += _patches(row["pixel_values"]) if "pixel_values" in row else 0
         batch[POOLING_KEY] = _stack(shifted, value=-1)
     return batch

@@ -60,9 +60,9 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "yellow": (235, 200, 20),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
-# Side of the object's bounding box in pixels; every size fits inside a cell.
-# Side in pixels. Every (shape, size) renders to a different patch (at 4 px a circle and a cross were
-# the same pixels, which made some shape and count questions unanswerable); tests check it.
+# Side of the object's bounding box in pixels; every size fits inside a cell, and every (shape, size)
+# draws a different patch (at 4 px a circle and a cross were the same pixels, which made some shape
+# and count questions unanswerable); tests check it.
 SIZES: dict[str, int] = {"tiny": 5, "small": 7, "medium": 9, "large": 11}
 QUARTERS = ("top left", "top right", "bottom left", "bottom right")
 RELATIONS = ("to the left", "to the right", "above", "below")

@@ -47,6 +47,14 @@ class TrainSettings:
     # quickly saturate early; the hard one gets more of the training steps.
     extra_items: tuple[tuple[str, int], ...] = ()
 
+    def __post_init__(self) -> None:
+        from lowrank_kit.errors import unknown_name
+        from lowrank_kit.testbed.generator import CATEGORIES
+
+        for category, _ in self.extra_items:
+            if category not in CATEGORIES:
+                raise unknown_name("testbed category (extra_items)", category, CATEGORIES)
+
 
 @contextlib.contextmanager
 def deterministic(threads: int | None) -> Iterator[None]:
