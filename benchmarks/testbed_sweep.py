@@ -58,18 +58,43 @@ def _spec(variant: dict[str, Any]):
         raise SystemExit(f"variant {variant}: {exc}") from None
 
 
-def _run(variant: dict[str, Any]) -> dict[str, Any]:
+def _compression(model_dir: Path, methods: list[str], ratios: list[float]) -> dict[str, Any]:
+    """Test accuracy of the built variant compressed by each method at each ρ1 (the accuracy grid)."""
+    from lowrank_kit.eval.grid import GridSpec, run_accuracy_grid
+
+    results = run_accuracy_grid(
+        GridSpec(model=str(model_dir), methods=methods, ratios=ratios, data="testbed"),
+        model_dir / "grid",
+        calib_cache_dir=model_dir / "calib",
+    )
+    return {
+        "fp16": results["fp16"]["accuracy"],
+        **{key: {"accuracy": c["accuracy"], "kl": c["kl"]} for key, c in results["cells"].items()},
+    }
+
+
+def _run(job: tuple[dict[str, Any], list[str], list[float]]) -> dict[str, Any]:
     from lowrank_kit.testbed import build as B
 
+    variant, methods, ratios = job
     size, spec = _spec(variant)
     seed = int(variant.get("seed", B.SEED))  # the data (train and test splits) and the initialisation
     started = time.perf_counter()
+    compression = None
     with tempfile.TemporaryDirectory(prefix="testbed-sweep-") as tmp:
         try:
-            info = B.build_testbed(size, Path(tmp), device="cpu", spec=spec, seed=seed)
+            model_dir = Path(tmp) / "model"
+            model_dir.mkdir()
+            info = B.build_testbed(size, model_dir, device="cpu", spec=spec, seed=seed)
+            if methods and ratios:
+                import torch
+
+                torch.set_num_threads(spec.threads or 2)  # as many as the build used, per variant
+                compression = _compression(model_dir, methods, ratios)
         except Exception as exc:  # one failed variant must not lose the others' results
             return {"variant": variant, "error": f"{type(exc).__name__}: {exc}"}
     return {
+        "compression": compression,
         "variant": variant,
         "test_accuracy": info["test_accuracy"],
         "per_category": info["test_accuracy_per_category"],
@@ -90,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", action="append", required=True, help="JSON object; repeat")
     parser.add_argument("--jobs", type=int, default=1, help="variants built at once (2 threads each)")
     parser.add_argument("--output", type=Path, help="JSON file for the results")
+    parser.add_argument(
+        "--methods", default="", help="after each build, compress it with these methods (comma-separated)"
+    )
+    parser.add_argument("--ratios", default="0.9,0.7,0.5", help="ρ1 values for --methods")
     args = parser.parse_args(argv)
     variants = []
     for text in args.variant:
@@ -107,8 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     ctx = mp.get_context("spawn")
     # A fresh process per variant: nothing (allocator state, thread pools) carries over between builds.
+    methods = [m for m in args.methods.split(",") if m]
+    ratios = [float(r) for r in args.ratios.split(",") if r]
+    jobs = [(v, methods, ratios) for v in variants]
     with ctx.Pool(max(1, args.jobs), maxtasksperchild=1) as pool:
-        for result in pool.imap(_run, variants):
+        for result in pool.imap(_run, jobs):
             results.append(result)
             print(json.dumps(result), flush=True)
     report = {

@@ -46,6 +46,11 @@ class TrainSettings:
     # train split in that category after the first ``train_items``. Categories the model learns
     # quickly saturate early; the hard one gets more of the training steps.
     extra_items: tuple[tuple[str, int], ...] = ()
+    # Train each attention head's Q, K and V weights with orthonormal rows times one learned scale
+    # (:class:`FlatSpectrum`), so that every singular direction of a head carries the same weight.
+    flat_qkv: bool = False
+    # The heads' initial singular value under flat_qkv; None: the initial weights' row norm.
+    flat_scale_init: float | None = None
 
     def __post_init__(self) -> None:
         from lowrank_kit.errors import unknown_name
@@ -70,6 +75,66 @@ def deterministic(threads: int | None) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(old_det, warn_only=old_warn)
         torch.set_num_threads(old_threads)
+
+
+class FlatSpectrum(nn.Module):
+    """Parametrization of a ``(heads * head_dim, in)`` weight: per head, orthonormal rows times a scale.
+
+    ``W_h = s_h * Q_h^T`` with ``Q_h`` the (sign-fixed) QR factor of the head's unconstrained block,
+    so each head's singular values are all ``s_h``. A briefly trained small model otherwise puts its
+    attention into a handful of large singular directions above an init-noise floor, and truncating
+    the floor (all a rank cut removes) costs nothing; pretrained VLMs use the whole spectrum of their
+    projections. With a flat spectrum the weights alone no longer say which directions matter, the
+    activations do: plain ``svd`` loses accuracy as the rank falls, activation-aware methods keep it.
+    Removed after training (:func:`release_flat_spectrum`): the saved model is a plain LLaVA.
+    """
+
+    def __init__(self, weight: torch.Tensor, head_dim: int, scale: float | None = None) -> None:
+        super().__init__()
+        out_features = weight.shape[0]
+        if out_features % head_dim:
+            raise LowRankError(f"flat_qkv: {out_features} output features are not whole heads of {head_dim}")
+        self.head_dim = head_dim
+        heads = out_features // head_dim
+        norms = weight.detach().view(heads, head_dim, -1).norm(dim=-1).mean(dim=-1)
+        if scale is not None:
+            norms = torch.full_like(norms, scale)
+        self.log_scale = nn.Parameter(norms.clamp_min(1e-6).log())
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        heads = self.log_scale.numel()
+        blocks = weight.view(heads, self.head_dim, -1)
+        q, r = torch.linalg.qr(blocks.transpose(1, 2))  # (heads, in, head_dim), (heads, head_dim, head_dim)
+        sign = torch.sign(torch.diagonal(r, dim1=1, dim2=2))
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        rows = (q * sign[:, None, :]).transpose(1, 2)
+        return (rows * self.log_scale.exp()[:, None, None]).reshape(weight.shape)
+
+
+def _attention_projections(model: nn.Module) -> list[nn.Module]:
+    return [
+        getattr(layer.self_attn, name)
+        for layer in model.model.language_model.layers
+        for name in ("q_proj", "k_proj", "v_proj")
+    ]
+
+
+def constrain_flat_spectrum(model: nn.Module, scale: float | None = None) -> None:
+    """Register :class:`FlatSpectrum` on every decoder layer's q/k/v_proj weight."""
+    from torch.nn.utils import parametrize
+
+    head_dim = model.config.text_config.head_dim
+    for module in _attention_projections(model):
+        parametrize.register_parametrization(module, "weight", FlatSpectrum(module.weight, head_dim, scale))
+
+
+def release_flat_spectrum(model: nn.Module) -> None:
+    """Replace each parametrized weight by its current value (a plain parameter again)."""
+    from torch.nn.utils import parametrize
+
+    for module in _attention_projections(model):
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
 @dataclass
@@ -248,10 +313,14 @@ def train(
     """Train ``model`` in place on ``samples``; returns the loss curve and timing."""
     device = torch.device(device)
     model.to(device).train()
+    if settings.flat_qkv:
+        constrain_flat_spectrum(model, settings.flat_scale_init)
     decay, no_decay = [], []
     for pname, p in model.named_parameters():
-        # Norm gains, biases and embeddings are not decayed (the usual transformer recipe).
-        (no_decay if p.ndim < 2 or "embed" in pname or "norm" in pname else decay).append(p)
+        # Norm gains, biases and embeddings are not decayed (the usual transformer recipe), nor are
+        # flat-spectrum weights (their scale is normalised away; decay would only raise their step).
+        skip = p.ndim < 2 or "embed" in pname or "norm" in pname or "parametrizations" in pname
+        (no_decay if skip else decay).append(p)
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": settings.weight_decay},
@@ -303,6 +372,7 @@ def train(
                     ", ".join(f"{k} {v:.3f}" for k, v in parts.items()),
                 )
             stage.advance()
+    release_flat_spectrum(model)
     model.eval()
     return {"seconds": time.perf_counter() - started, "losses": losses}
 

@@ -98,6 +98,29 @@ def test_building_twice_gives_the_same_weights(quick):
     ).read_bytes()
 
 
+def test_building_twice_with_a_flat_spectrum_gives_the_same_weights(quick, monkeypatch):
+    """The small size trains its Q/K/V under FlatSpectrum (QR every step): still deterministic."""
+    from safetensors.torch import load_file
+
+    from lowrank_kit.testbed import model as M
+
+    spec = M.SIZES["tiny"]
+    monkeypatch.setitem(
+        M.SIZES, "tiny", dataclasses.replace(spec, train=dataclasses.replace(spec.train, flat_qkv=True))
+    )
+    (quick / "a").mkdir()
+    (quick / "b").mkdir()
+    first = B.build_testbed("tiny", quick / "a")
+    again = B.build_testbed("tiny", quick / "b")
+    assert again["weights_sha256"] == first["weights_sha256"]
+    # The saved model is plain (no parametrization left) and every head's spectrum is flat.
+    weights = load_file(quick / "a" / "model.safetensors")
+    assert not any("parametrizations" in k for k in weights)
+    q = next(v for k, v in weights.items() if k.endswith("layers.0.self_attn.q_proj.weight"))
+    s = torch.linalg.svdvals(q[:32])
+    assert float(s.max() / s.min()) < 1.0 + 1e-4
+
+
 def test_a_second_ensure_uses_the_cache(tiny, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("rebuilt a good cache entry")
