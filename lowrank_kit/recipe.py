@@ -239,8 +239,13 @@ def recipe_from_flags(
     rank_allocation: str | None = None,
     calib_source: str | None = None,
     calib_path: str | None = None,
+    params: dict[str, Any] | None = None,
 ) -> Recipe:
-    """The recipe the CLI flags describe (``--method``, ``--ratio``, ``--quant``, ...)."""
+    """The recipe the CLI flags describe (``--method``, ``--ratio``, ``--quant``, ...).
+
+    ``params``: the decompose step's method parameters (``{"finetune": False}`` for wsvd), checked
+    against the method's config class when the recipe is resolved.
+    """
     calibration: dict[str, Any] = {}
     if calib_samples is not None:
         calibration["num_samples"] = calib_samples
@@ -263,9 +268,11 @@ def recipe_from_flags(
             step["granularity"] = granularity
         if rank_allocation is not None:
             step["rank_allocation"] = rank_allocation
+        if params:
+            step["params"] = dict(params)
         steps.append(step)
-    elif ratio is not None or rank is not None:
-        raise RecipeError("--ratio/--rank need --method (see `lowrank methods`)")
+    elif ratio is not None or rank is not None or params:
+        raise RecipeError("--ratio/--rank and method parameters need --method (see `lowrank methods`)")
     if quant is not None:
         steps.append({"type": "quantize", "scheme": quant})
     if not steps:

@@ -35,7 +35,8 @@ def accuracy(
     methods: str = typer.Option(
         "svd,asvd,svdllm,qsvd,wsvd",
         "--methods",
-        help="Comma-separated decomposers (built-in or from plugins; see `lowrank methods`).",
+        help="Comma-separated decomposers (built-in or from plugins; see `lowrank methods`); "
+        "name:key=value[:key=value] sets a method's parameters, e.g. wsvd:finetune=false.",
     ),
     ratios: str = typer.Option(
         "0.9,0.8,0.7,0.6,0.5", "--ratios", help=f"Comma-separated ρ1 values. {RATIO_HELP}"

@@ -90,13 +90,40 @@ def parse_ratios(text: str) -> list[float]:
     return out
 
 
+def parse_method(label: str) -> tuple[str, dict[str, Any]]:
+    """A grid row's method: ``name`` or ``name:key=value[:key=value...]`` (e.g. ``wsvd:finetune=false``).
+
+    Values are read as YAML scalars (``false``, ``10``, ``1e-4``, ``eigen``); the parameters are
+    checked against the method's config class when its recipes are resolved.
+    """
+    import yaml
+
+    name, *pairs = label.split(":")
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise RecipeError(
+                f"--methods: {label!r}: {pair!r} is not key=value; write a method with parameters as "
+                "name:key=value[:key=value], e.g. wsvd:finetune=false"
+            )
+        if key.strip() in params:
+            raise RecipeError(f"--methods: {label!r} sets {key.strip()!r} twice")
+        try:
+            params[key.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
 def check_methods(methods: Sequence[str]) -> None:
     from lowrank_kit.registry import get_registry
 
     names = get_registry().names("decomposer")
     for m in methods:
-        if m not in names:
-            raise unknown_name("method", m, names)
+        name, _ = parse_method(m)
+        if name not in names:
+            raise unknown_name("method", name, names)
 
 
 # -- results file ----------------------------------------------------------------------------------
@@ -166,11 +193,13 @@ def run_accuracy_grid(
     check_methods(methods)
     recipes = {}
     for method in methods:
+        name, params = parse_method(method)
         for ratio in ratios:
             recipes[cell_key(method, ratio)] = resolve_recipe(
                 recipe_from_flags(
                     model=spec.model,
-                    method=method,
+                    method=name,
+                    params=params,
                     ratio=ratio,
                     quant=spec.quant,
                     calib_samples=spec.calib_samples,

@@ -157,3 +157,40 @@ def test_cli_bad_method_is_one_line(workspace, tmp_path):
     res = runner.invoke(app, ["bench", "accuracy", "--model", str(workspace / "model"), "--methods", "nope"])
     assert res.exit_code == 2
     assert res.output.strip().startswith("Error: unknown method 'nope'") and "Traceback" not in res.output
+
+
+def test_method_parameters():
+    assert grid.parse_method("wsvd") == ("wsvd", {})
+    assert grid.parse_method("wsvd:finetune=false:ft_steps=10") == (
+        "wsvd",
+        {"finetune": False, "ft_steps": 10},
+    )
+    with pytest.raises(RecipeError, match=r"'finetune' is not key=value; .*wsvd:finetune=false"):
+        grid.parse_method("wsvd:finetune")
+    with pytest.raises(RecipeError, match=r"sets 'ft_steps' twice"):
+        grid.parse_method("wsvd:ft_steps=1:ft_steps=2")
+    with pytest.raises(UnknownNameError, match=r"unknown method 'wsdv'"):
+        grid.check_methods(["wsdv:finetune=false"])
+
+
+def test_a_row_with_method_parameters(workspace, tmp_path, monkeypatch):
+    import lowrank_kit.pipeline as pipeline
+
+    seen = []
+    real = pipeline.compress
+
+    def recording(model, recipe, **kw):
+        seen.append((recipe.decompose.method, recipe.decompose.params["finetune"]))
+        return real(model, recipe, **kw)
+
+    monkeypatch.setattr(pipeline, "compress", recording)
+    results = run_accuracy_grid(
+        spec(workspace, methods=["wsvd", "wsvd:finetune=false"], ratios=[0.8], calib_samples=2),
+        tmp_path / "p",
+    )
+    assert sorted(seen) == [("wsvd", False), ("wsvd", True)]
+    assert set(results["cells"]) == {"wsvd@0.8", "wsvd:finetune=false@0.8"}
+    assert "| wsvd:finetune=false |" in (tmp_path / "p" / "table.md").read_text()
+    # A parameter the method does not have is the recipe's error, before any model work.
+    with pytest.raises(RecipeError, match="fine_tune"):
+        run_accuracy_grid(spec(workspace, methods=["wsvd:fine_tune=false"]), tmp_path / "bad")
