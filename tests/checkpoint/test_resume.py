@@ -73,3 +73,44 @@ def test_killed_run_resumes_and_writes_the_same_checkpoint(tmp_path):
     for name in ("model.safetensors", "config.json", "recipe.yaml"):
         resumed = (tmp_path / "resumed" / name).read_bytes()
         assert resumed == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def cli(*args, kill_after=None):
+    """`lowrank ARGS...` in a fresh interpreter, as a user runs it."""
+    env = dict(os.environ)
+    env.pop(FAULT_ENV, None)
+    if kill_after is not None:
+        env[FAULT_ENV] = str(kill_after)
+    code = "import sys; from lowrank_kit.cli.main import app; sys.argv[0] = 'lowrank'; app()"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_killed_lowrank_compress_resumes_and_writes_the_same_checkpoint(tmp_path):
+    from lowrank_kit.models.tiny import save_tiny_checkpoint
+
+    src = save_tiny_checkpoint("llava", tmp_path / "model")
+    common = ["compress", "--model", src, "--method", "wsvd", "--ratio", "0.5", "--calib-samples", "4"]
+    code, _, stderr = finish(cli(*common, "--output", tmp_path / "reference", "--no-cache"))
+    assert code == 0, stderr[-2000:]
+
+    cache = ["--cache-dir", tmp_path / "cache"]
+    killed = cli(*common, "--output", tmp_path / "resumed", *cache, kill_after=3)
+    code, _, stderr = finish(killed)
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    assert not (tmp_path / "resumed").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".resumed")]
+
+    code, _, stderr = finish(cli(*common, "--output", tmp_path / "resumed", *cache, "--json"))
+    assert code == 0, stderr[-2000:]
+    report = json.loads((tmp_path / "resumed" / "lowrank_report.json").read_text())
+    reused = [e.split("-")[0] for e in report["calibration_cache"]["reused"]]
+    assert reused == ["input_stats", "gradient_stats", "wsvd_finetune"]
+    for name in ("model.safetensors", "config.json", "recipe.yaml"):
+        resumed = (tmp_path / "resumed" / name).read_bytes()
+        assert resumed == (tmp_path / "reference" / name).read_bytes(), name
