@@ -112,11 +112,12 @@ class FlatSpectrum(nn.Module):
 
 
 def _attention_projections(model: nn.Module) -> list[nn.Module]:
-    return [
-        getattr(layer.self_attn, name)
-        for layer in model.model.language_model.layers
-        for name in ("q_proj", "k_proj", "v_proj")
-    ]
+    """Every decoder layer's q/k/v_proj, found through the llava adapter (the testbed is a LLaVA)."""
+    from lowrank_kit.models.base import TARGETS
+    from lowrank_kit.models.families import llava
+
+    layers = llava.info(model).num_layers
+    return [llava.get_projection(model, i, t) for i in range(layers) for t in TARGETS]
 
 
 def constrain_flat_spectrum(model: nn.Module, scale: float | None = None) -> None:

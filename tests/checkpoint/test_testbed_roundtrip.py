@@ -6,6 +6,8 @@ prompts (with its own processor and calibration data), for every decomposer with
 Uses the testbed of the cache in force ($LOWRANK_KIT_CACHE; CI's main job builds it first).
 """
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
@@ -21,10 +23,14 @@ NEW_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    loaded = lowrank_kit.load_model("testbed")
+def testbed():
+    return lowrank_kit.load_model("testbed")
+
+
+@pytest.fixture(scope="module")
+def prompts(testbed):
     items = generate_items("test")[:3]
-    return [prompt_inputs(loaded.processor, loaded.adapter, item) for item in items]
+    return [prompt_inputs(testbed.processor, testbed.adapter, item) for item in items]
 
 
 def greedy(model, prompts) -> list[torch.Tensor]:
@@ -37,8 +43,9 @@ def greedy(model, prompts) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("quant", [None, "w8a8"])
 @pytest.mark.parametrize("method", ["svd", "asvd", "svdllm", "qsvd", "wsvd"])
-def test_testbed_reloads_with_the_same_greedy_tokens(method, quant, prompts, tmp_path):
-    loaded = lowrank_kit.load_model("testbed")
+def test_testbed_reloads_with_the_same_greedy_tokens(method, quant, testbed, prompts, tmp_path):
+    loaded = copy.copy(testbed)
+    loaded.model = copy.deepcopy(testbed.model)  # each case compresses its own copy in place
     recipe = lowrank_kit.recipe_from_flags(
         model="testbed", method=method, ratio=0.5, quant=quant, calib_samples=8
     )
