@@ -4,12 +4,14 @@
 # the decode-attention shape grid, and the testbed's quantization table on the GPU. Results land
 # in $OUT (JSON, test logs); copy them into benchmarks/results/ and commit them.
 #
-#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh [e2e grid quant tests]   # default: all four
+#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests sweep e2e grid quant]
+#   (default: tests e2e grid quant; CARD names the output files)
 #
 # The device image has torch/triton/transformers but not pydantic: wheels for its Python carried in
 # .whl/ are installed to /tmp/site first when present.
 set -uo pipefail
 OUT=${OUT:?set OUT to a directory for the results}
+CARD=${CARD:-h100}
 mkdir -p "$OUT"
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests e2e grid quant)
@@ -50,15 +52,20 @@ for p in "${parts[@]}"; do
     tests)
       step gpu_tests 170 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention_gpu.py \
         tests/runtime/test_generate_gpu.py tests/testbed/test_generator.py ;;
+    kernel_tests)
+      step kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention_gpu.py ;;
+    sweep)
+      step attention_sweep 400 python3 benchmarks/attention_decode.py run --sweep --batches 16 --lengths 8192 \
+        --rhos 0.5 --time-budget 360 --out "$OUT/attention_decode_target_$CARD.json" ;;
     e2e)
-      step decode_e2e 390 python3 benchmarks/decode_e2e.py --output "$OUT/decode_e2e_llava-next-7b_h200.json" ;;
+      step decode_e2e 390 python3 benchmarks/decode_e2e.py --output "$OUT/decode_e2e_llava-next-7b_$CARD.json" ;;
     grid)
       step attention_grid 300 python3 benchmarks/attention_decode.py run --grid cross --time-budget 200 \
-        --out "$OUT/attention_decode_grid_h200.json" ;;
+        --out "$OUT/attention_decode_grid_$CARD.json" ;;
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
-        --output "$OUT/quant_accuracy_testbed_h200.json" --table "$OUT/quant_accuracy_table.md" ;;
-    *) echo "unknown part '$p' (tests, e2e, grid, quant)"; exit 2 ;;
+        --output "$OUT/quant_accuracy_testbed_$CARD.json" --table "$OUT/quant_accuracy_table.md" ;;
+    *) echo "unknown part '$p' (tests, kernel_tests, sweep, e2e, grid, quant)"; exit 2 ;;
   esac
 done
 exit $status

@@ -129,6 +129,64 @@ CASES = {
         int8=True,
     ),
     "empty_row": dict(num_heads=4, num_kv_heads=2, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(0, 20)),
+    # Per-head latents with one query head per KV head run on the per-head kernel (RoPE on the query
+    # side, several heads a program). Three heads: the last program of two-head blocks holds one head.
+    "heads_len1000_leftpad": dict(
+        num_heads=3,
+        num_kv_heads=3,
+        k_ranks=(17, 48, 8),
+        v_ranks=(48, 17, 24),
+        lengths=(1000, 63),
+        left_pad=(0, 300),
+    ),
+    "heads_len1": dict(num_heads=3, num_kv_heads=3, k_ranks=(17, 48, 8), v_ranks=(8, 17, 48), lengths=(1, 1)),
+    "heads_int8_bias": dict(
+        batch=3,
+        num_heads=3,
+        num_kv_heads=3,
+        k_ranks=(17, 48, 8),
+        v_ranks=(48, 17, 24),
+        lengths=(63, 1, 30),
+        left_pad=(0, 5, 2),
+        int8=True,
+        bias=True,
+    ),
+    "heads_mrope_bias_qknorm": dict(
+        num_heads=4,
+        num_kv_heads=4,
+        k_ranks=(17, 48, 8, 33),
+        v_ranks=(48, 17, 24, 9),
+        lengths=(63, 20),
+        left_pad=(0, 3),
+        bias=True,
+        mrope_section=(4, 6, 6),
+        qk_norm="per_head",
+    ),
+    "heads_full_norm_int8": dict(
+        num_heads=2,
+        num_kv_heads=2,
+        k_ranks=(48, 17),
+        v_ranks=(17, 17),
+        lengths=(40, 63),
+        qk_norm="full",
+        int8=True,
+    ),
+    "heads_bf16": dict(
+        num_heads=2,
+        num_kv_heads=2,
+        k_ranks=(17, 48),
+        v_ranks=(48, 17),
+        lengths=(63, 17),
+        dtype=torch.bfloat16,
+    ),
+    "heads_fp32": dict(
+        num_heads=2, num_kv_heads=2, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(63, 17), dtype=torch.float32
+    ),
+    "heads_empty_row": dict(num_heads=2, num_kv_heads=2, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(0, 20)),
+    # Heads wider than 64 and 128 columns: one head a program, up to 256 columns.
+    "heads_wide_ragged": dict(
+        num_heads=3, num_kv_heads=3, k_ranks=(17, 100, 130), v_ranks=(90, 8, 65), lengths=(45, 20), int8=True
+    ),
 }
 
 
@@ -184,6 +242,77 @@ def test_split_count_does_not_change_the_result():
     # Splits change only the order of fp32 accumulation (and one fp16 rounding of the output).
     assert relative_error(outs[0], outs[2]) < 2e-3
     assert relative_error(outs[1], outs[2]) < 2e-3
+
+
+def test_kernel_choice_follows_the_layout():
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    def cfg(**kw):
+        spec = dict(batch=2, head_dim=32, lengths=(5, 3), **kw)
+        p = make_problem(**spec)
+        return triton_impl.launch_config(2, p.w.num_kv_heads, p.max_len, p.w, p.q.device)
+
+    # Per-head latents, MHA: the per-head kernel, more heads a program when heads are narrow.
+    assert cfg(num_heads=4, num_kv_heads=4, k_ranks=(17, 48, 8, 8), v_ranks=(8,) * 4).heads_per_program == 2
+    assert cfg(num_heads=4, num_kv_heads=4, k_ranks=(8,) * 4, v_ranks=(8,) * 4).heads_per_program == 4
+    assert cfg(num_heads=2, num_kv_heads=2, k_ranks=(100, 8), v_ranks=(8, 8)).heads_per_program == 1
+    # GQA, shared and grouped latents: the grouped kernel.
+    assert cfg(num_heads=4, num_kv_heads=2, k_ranks=(17, 48), v_ranks=(48, 17)).heads_per_program == 0
+    assert (
+        cfg(num_heads=2, num_kv_heads=2, k_ranks=(40,), v_ranks=(33,), layout="shared").heads_per_program == 0
+    )
+    grouped = dict(k_ranks=(24, 17), v_ranks=(17, 48), layout="grouped", heads_per_group=2)
+    assert cfg(num_heads=4, num_kv_heads=4, **grouped).heads_per_program == 0
+
+
+@pytest.mark.parametrize("heads_per_program", [1, 2, 4])
+def test_heads_per_program_does_not_change_the_result(heads_per_program):
+    """Every block size computes the same function: 5 heads leave a partial last block for 2 and 4."""
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    p = make_problem(
+        batch=2,
+        num_heads=5,
+        num_kv_heads=5,
+        head_dim=32,
+        k_ranks=(17, 48, 8, 33, 64),
+        v_ranks=(48, 17, 24, 9, 16),
+        lengths=(70, 33),
+        left_pad=(0, 11),
+        int8=True,
+        bias=True,
+        qk_norm="per_head",
+        device=DEVICE,
+    )
+    base = triton_impl.heads_launch_config(2, p.max_len, p.w, p.q.device, heads_per_program)
+    assert base.heads_per_program == heads_per_program
+    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
+    for split_len in (base.block_n, 256):  # several splits (merge pass) and one (direct write)
+        cfg = triton_impl.LaunchConfig(
+            base.block_n, base.num_warps, base.num_stages, 0, 0, split_len, heads_per_program
+        )
+        out = torch.full((2, 5, p.w.out_width), float("nan"), dtype=p.q.dtype, device=DEVICE)
+        triton_impl.latent_attention_decode(
+            p.q, p.kv, p.w, p.starts, p.ends, config=cfg, out=out, poison_workspace=True
+        )
+        assert torch.isfinite(out).all()
+        err = relative_error(out, ref)
+        assert err < TOL[torch.float16], f"heads_per_program {heads_per_program} split {split_len}: {err:.2e}"
+        # Columns past each head's own V width are written as zeros, not left unwritten.
+        assert torch.equal(out[:, 4, 16:], torch.zeros_like(out[:, 4, 16:]))
+
+
+def test_heads_kernel_refuses_layouts_it_does_not_serve():
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    p = make_problem(
+        batch=2, num_heads=4, num_kv_heads=2, head_dim=32, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(5, 3)
+    )
+    cfg = triton_impl.LaunchConfig(16, 4, 1, 0, 0, 0, 2)
+    with pytest.raises(
+        ValueError, match="heads_per_program > 0 needs per-head K and V latents and one query"
+    ):
+        triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, config=cfg)
 
 
 def _rotate(x, cos, sin):

@@ -48,6 +48,19 @@ CASES = {
     ),
     "qwen_int8_uniform_32k": dict(**QWEN, k_ranks=[64] * 4, v_ranks=[64] * 4, lengths=[32768], int8=True),
     "shared_latent": dict(**LLAVA, k_ranks=[2048], v_ranks=[2048], lengths=[1000, 777], layout="shared"),
+    # LLaVA shapes above run on the per-head kernel (MHA, per-head latents); these add its other paths.
+    "llava_heads_mrope_bias_qknorm_int8": dict(
+        **LLAVA,
+        k_ranks=RAGGED_32,
+        v_ranks=RAGGED_32[::-1],
+        lengths=[2000, 17],
+        left_pad=[0, 900],
+        bias=True,
+        mrope_section=(16, 24, 24),
+        qk_norm="per_head",
+        int8=True,
+    ),
+    "llava_uniform32_16k": dict(**LLAVA, k_ranks=[32] * 32, v_ranks=[32] * 32, lengths=[16384, 3]),
     "qk_norm_per_head": dict(
         num_heads=32,
         num_kv_heads=8,
@@ -77,3 +90,29 @@ def test_kernel_matches_naive_at_model_sizes(name):
         assert torch.isfinite(out).all(), f"{name}: unwritten (NaN) or non-finite outputs"
         err = relative_error(out, ref)
         assert err < TOL[spec["dtype"]], f"{name} seed {seed}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("heads_per_program", [1, 2, 4])
+def test_heads_per_program_at_model_size(heads_per_program):
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    p = make_problem(
+        seed=3,
+        device="cuda",
+        batch=2,
+        **LLAVA,
+        k_ranks=[64] * 32,
+        v_ranks=[64] * 32,
+        lengths=[8192, 1000],
+        left_pad=[0, 77],
+        dtype=torch.float16,
+    )
+    base = triton_impl.heads_launch_config(2, p.max_len, p.w, p.q.device, heads_per_program)
+    out = torch.full((2, 32, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype)
+    triton_impl.latent_attention_decode(
+        p.q, p.kv, p.w, p.starts, p.ends, config=base, out=out, poison_workspace=True
+    )
+    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
+    assert torch.isfinite(out).all()
+    err = relative_error(out, ref)
+    assert err < TOL[torch.float16], f"heads_per_program {heads_per_program}: relative error {err:.2e}"

@@ -25,6 +25,7 @@ figure and the markdown table of docs/kernel.md. The script is ``benchmarks/atte
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import platform
@@ -238,6 +239,94 @@ def kernel_fn(p, max_len: int, config=None):
     return fn
 
 
+# Launch sweep: (heads per program, block_n, num_warps, num_stages) for the per-head kernel (0 heads
+# per program = the grouped kernel). Per class, the grouped kernel's table entry is the baseline.
+_HEADS_SWEEP = {
+    "fp16": [(hb, *cfg) for hb in (1, 2, 4) for cfg in ((64, 4, 2), (64, 4, 3), (128, 8, 2), (64, 8, 2))],
+    "int8": [(hb, *cfg) for hb in (1, 2) for cfg in ((64, 4, 2), (64, 4, 3), (128, 8, 2), (64, 8, 2))],
+    "ragged": [(hb, *cfg) for hb in (1, 2) for cfg in ((64, 4, 2), (128, 8, 2), (64, 8, 2))],
+    "wide": [(1, 64, 4, 2), (1, 128, 8, 2), (1, 64, 8, 2), (2, 64, 8, 2)],
+}
+SWEEP_CLASSES = (
+    # (model, ρ2, dtype, ranks, configs)
+    ("llava-next-7b", 0.5, "fp16", "uniform", "fp16"),
+    ("llava-next-7b", 0.5, "int8", "uniform", "int8"),
+    ("llava-next-7b", 0.5, "fp16", "ragged", "ragged"),
+    ("llava-next-7b", 0.9, "fp16", "uniform", "wide"),
+    ("qwen2-vl-7b", 0.5, "fp16", "uniform", None),
+)
+
+
+def _config_ok(model: str, ranks, int8: bool, cfg) -> tuple[bool, float]:
+    """One launch configuration against the naive twin (2 rows, 1000 and 517 tokens, left padding)."""
+    from lowrank_kit.kernels.latent_attention import naive
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+    from lowrank_kit.kernels.latent_attention.testing import relative_error
+
+    p = problem(model, 2, 1000, ranks, int8=int8, seed=7, lengths=[1000, 517], left_pad=[0, 301])
+    out = torch.full((2, p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=torch.float16)
+    small = dataclasses.replace(cfg, split_len=0)
+    triton_impl.latent_attention_decode(
+        p.q, p.kv, p.w, p.starts, p.ends, config=small, out=out, poison_workspace=True
+    )
+    err = relative_error(out, naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends))
+    return err < CHECK_TOL["int8" if int8 else "fp16"], err
+
+
+def sweep(copy: float, say=print, rows: list | None = None, save=None) -> list[dict[str, Any]]:
+    """Time launch configurations of both kernels at the target shape (Qwen2-VL at batch 64); every
+    configuration is first checked against the naive twin, and one that fails is not timed. Rows are
+    appended to ``rows`` (returned) and ``save`` is called after each, so a stopped sweep keeps its rows."""
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    rows = [] if rows is None else rows
+    for model, rho, dt, kind, configs in SWEEP_CLASSES:
+        m = MODELS[model]
+        hkv, d = m["num_kv_heads"], m["head_dim"]
+        if kind == "ragged":
+            ranks = (ragged_ranks(rho, hkv, d, 1), ragged_ranks(rho, hkv, d, 2))
+        else:
+            ranks = (uniform_ranks(rho, hkv, d), uniform_ranks(rho, hkv, d))
+        b = 16 if model == "llava-next-7b" else 64
+        int8 = dt == "int8"
+        p = problem(model, b, 8192, ranks, int8=int8)
+        base = dataclasses.replace(
+            triton_impl.grouped_launch_config(b, hkv, 8192, p.w, p.q.device), split_len=0
+        )
+        candidates = [base] + [
+            triton_impl.LaunchConfig(bn, warps, stages, 0, 0, 0, hb)
+            for hb, bn, warps, stages in (_HEADS_SWEEP[configs] if configs else ())
+        ]
+        for cfg in candidates:
+            row = dict(
+                model=model,
+                rho=rho,
+                dtype=dt,
+                ranks=kind,
+                batch=b,
+                kernel="heads" if cfg.heads_per_program else "grouped",
+                heads_per_program=cfg.heads_per_program,
+                block_n=cfg.block_n,
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            )
+            try:
+                ok, err = _config_ok(model, ranks, int8, cfg)
+                row.update(check_ok=ok, rel_err=err)
+                if ok:
+                    row["us"] = us = bench_graph([kernel_fn(p, 8192, cfg)], rep=50)
+                    row.update(kernel_row(p, us, copy))
+            except Exception as exc:  # out of shared memory or registers: recorded, not timed
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            rows.append(row)
+            say(f"sweep {row}")
+            if save is not None:
+                save()
+        del p
+        torch.cuda.empty_cache()
+    return rows
+
+
 def kernel_row(p, fn_us: float, copy_tbs: float) -> dict[str, Any]:
     nbytes = p.latent_bytes()
     gbs = nbytes / fn_us / 1e3
@@ -268,7 +357,6 @@ def run(
     import triton
 
     from lowrank_kit.kernels.latent_attention import naive
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
 
     t0 = time.time()
     target = (TARGET["batch"], TARGET["length"])
@@ -321,57 +409,7 @@ def run(
     save()
 
     if args.sweep:
-        for model, rho, dt in (
-            ("llava-next-7b", 0.5, "fp16"),
-            ("llava-next-7b", 0.5, "int8"),
-            ("llava-next-7b", 0.9, "fp16"),
-            ("qwen2-vl-7b", 0.5, "fp16"),
-        ):
-            m = MODELS[model]
-            r = uniform_ranks(rho, m["num_kv_heads"], m["head_dim"])
-            b = 16 if model == "llava-next-7b" else 64
-            p = problem(model, b, 8192, (r, r), int8=dt == "int8")
-            base = triton_impl.launch_config(b, m["num_kv_heads"], 8192, p.w, p.q.device)
-            for bn, warps, stages in (
-                (32, 4, 2),
-                (32, 4, 3),
-                (64, 4, 2),
-                (64, 4, 3),
-                (64, 4, 4),
-                (64, 8, 2),
-                (64, 8, 3),
-                (128, 4, 2),
-                (128, 8, 2),
-                (128, 8, 3),
-                (16, 4, 3),
-            ):
-                # One split per row (direct write, no merge) only at the first class: it decides DIRECT's worth.
-                for split_len in (0, 8192) if (model, rho, dt) == ("llava-next-7b", 0.5, "fp16") else (0,):
-                    cfg = triton_impl.LaunchConfig(
-                        bn, warps, stages, base.rank_chunk, base.v_chunk, split_len
-                    )
-                    try:
-                        us = bench_graph([kernel_fn(p, 8192, cfg)], rep=50)
-                    except Exception as exc:  # out of shared memory or registers: recorded, not timed
-                        us = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
-                    row = dict(
-                        model=model,
-                        rho=rho,
-                        dtype=dt,
-                        batch=b,
-                        block_n=bn,
-                        num_warps=warps,
-                        num_stages=stages,
-                        split_len=split_len or base.split_len,
-                        us=us,
-                    )
-                    if isinstance(us, float):
-                        row.update(kernel_row(p, us, copy))
-                    res["sweep"].append(row)
-                    say(f"sweep {row}")
-            del p
-            torch.cuda.empty_cache()
-        save()
+        sweep(copy, say, rows=res["sweep"], save=save)
 
     for model, m in models.items():
         hq, hkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
@@ -601,6 +639,9 @@ def main() -> None:
     )
     r.add_argument("--sweep", action="store_true", help="also time launch configurations at the target shape")
     r.add_argument(
+        "--rhos", type=float, nargs="+", default=list(RHOS), help="ρ2 values of the latent variants"
+    )
+    r.add_argument(
         "--grid",
         choices=("cross", "full"),
         default="cross",
@@ -616,7 +657,7 @@ def main() -> None:
     if args.cmd == "run":
         if not torch.cuda.is_available():
             sys.exit("attention_decode.py run needs a CUDA GPU")
-        run(args, say=partial(print, flush=True))
+        run(args, rhos=tuple(args.rhos), say=partial(print, flush=True))
     else:
         plot(args)
 

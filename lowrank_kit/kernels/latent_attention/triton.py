@@ -19,6 +19,7 @@ compiles once and never autotunes.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -59,6 +60,14 @@ def _sincos(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _int8_to_f16(x):
+    # Exact int8 → fp16 on the full-rate integer/fp16 units instead of I2F (a quarter-rate conversion
+    # that shares its pipe with sin/cos/exp2): 0x6400 | (x + 128) is the fp16 number 1024 + (x + 128).
+    u = x.to(tl.uint8, bitcast=True) ^ 0x80
+    return (u.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
 def _dot_operand(x, CDT: tl.constexpr, DDT: tl.constexpr):
     # Round to the compute dtype, then hand the dot its operand dtype (the same, except bf16 under the
     # interpreter, whose bf16 dot is broken: values are rounded to bf16 and multiplied in fp32).
@@ -73,7 +82,6 @@ def _latent_decode_split(
     KUP,
     KBIAS,
     POS,
-    SEC,
     INVF,
     KSCALE,
     VSCALE,
@@ -165,9 +173,7 @@ def _latent_decode_split(
     q1t = _dot_operand(q1t, CDT, DDT)  # [D2, QP]
     q2t = _dot_operand(q2t, CDT, DDT)
 
-    invf = tl.load(INVF + dd)  # [D2]
-    if NPOS > 1:
-        sec = tl.load(SEC + dd)  # [D2] position component of each frequency
+    invf0 = tl.load(INVF + dd)  # [D2] frequencies of position component 0 (zero where another rotates)
     if HAS_BIAS:
         kb1 = tl.load(KBIAS + j * 2 * D2 + dd)
         kb2 = tl.load(KBIAS + j * 2 * D2 + D2 + dd)
@@ -229,14 +235,12 @@ def _latent_decode_split(
             k1 = k1 + kb1[None, :]
             k2 = k2 + kb2[None, :]
         # -- RoPE on the rebuilt keys ------------------------------------------------------------------
-        if NPOS == 1:
-            pos = tl.load(POS + b * stride_pb + nn * stride_ps, mask=n_ok, other=0)
-            ang = pos.to(tl.float32)[:, None] * invf[None, :]  # [BN, D2]
-        else:
-            pos = tl.load(
-                POS + b * stride_pb + nn[:, None] * stride_ps + sec[None, :], mask=n_ok[:, None], other=0
-            )
-            ang = pos.to(tl.float32) * invf[None, :]
+        # M-RoPE sums one product per position component (exact: the other components add zeros).
+        p0 = tl.load(POS + b * stride_pb + nn * stride_ps, mask=n_ok, other=0).to(tl.float32)
+        ang = p0[:, None] * invf0[None, :]  # [BN, D2]
+        for cpn in tl.static_range(1, NPOS):
+            pc = tl.load(POS + b * stride_pb + nn * stride_ps + cpn, mask=n_ok, other=0).to(tl.float32)
+            ang += pc[:, None] * tl.load(INVF + cpn * D2 + dd)[None, :]
         cs, sn = _sincos(ang, FAST_TRIG)
         r1 = k1 * cs - k2 * sn
         r2 = k2 * cs + k1 * sn
@@ -283,6 +287,237 @@ def _latent_decode_split(
 
 
 @triton.jit
+def _latent_decode_heads(
+    Q,
+    K,
+    V,
+    KUP,
+    KBIAS,
+    POS,
+    INVF,
+    KSCALE,
+    VSCALE,
+    KNORM,
+    K_OFF,
+    K_WID,
+    V_OFF,
+    V_WID,
+    STARTS,
+    ENDS,
+    PO,
+    PL,
+    OUT,
+    q_scale,
+    split_len,
+    num_kv_heads,
+    out_width,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_vb,
+    stride_vs,
+    stride_uh,
+    stride_ur,
+    stride_pb,
+    stride_ps,
+    stride_zkb,
+    stride_zks,
+    stride_zvb,
+    stride_zvs,
+    stride_nb,
+    stride_ns,
+    stride_nh,
+    stride_pob,
+    stride_poh,
+    stride_pos,
+    stride_plb,
+    stride_plh,
+    stride_ob,
+    stride_oh,
+    HB: tl.constexpr,
+    HP: tl.constexpr,
+    D2: tl.constexpr,
+    RKB: tl.constexpr,
+    RVB: tl.constexpr,
+    OWP: tl.constexpr,
+    BN: tl.constexpr,
+    NPOS: tl.constexpr,
+    INT8: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    ALIGN_K: tl.constexpr,
+    ALIGN_V: tl.constexpr,
+    FAST_TRIG: tl.constexpr,
+    DIRECT: tl.constexpr,
+    LAT16: tl.constexpr,
+    KDT: tl.constexpr,
+    CDT: tl.constexpr,
+    DDT: tl.constexpr,
+):
+    # Per-head latents, one query head per KV head (MHA): RoPE moves to the query side of the score.
+    # With k = c·U (halves k1, k2 of U1, U2) and the rotate-half rotation by angles a_i,
+    #   q·rope(k) = Σ_i cos a_i (q1_i k1_i + q2_i k2_i) + sin a_i (q2_i k1_i − q1_i k2_i)
+    #             = Σ_r c_r · W_r,   W = cos(a) @ M1ᵀ + sin(a) @ M2ᵀ,
+    # M1 = U1·q1 + U2·q2 and M2 = U1·q2 − U2·q1 ([rank, d/2], built once per program). So no key is
+    # rebuilt or rotated: per token the kernel forms W on tensor cores from a cos/sin tile that all HB
+    # heads of the program share, multiplies it into the latent elementwise, and sums each head's columns
+    # with a 0/1 selector dot. RoPE's special-function work is paid once per token for HB heads.
+    split = tl.program_id(0)
+    blk = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+
+    start = tl.load(STARTS + b)
+    end = tl.load(ENDS + b)
+    lo = start + split * split_len
+    hi = tl.minimum(end, lo + split_len)
+
+    j0 = blk * HB
+    hh = tl.arange(0, HP)
+    h_ok = (hh < HB) & (j0 + hh < num_kv_heads)
+    jh = tl.where(h_ok, j0 + hh, j0)  # [HP] KV head (= query head) of each slot; padding slots alias j0
+    k_offs = tl.load(K_OFF + jh)
+    k_wids = tl.where(h_ok, tl.load(K_WID + jh), 0)
+    v_offs = tl.load(V_OFF + jh)
+    v_wids = tl.where(h_ok, tl.load(V_WID + jh), 0)
+    # The block's heads sit side by side in a cached row, so its latents are one contiguous run of
+    # k_cols (v_cols) columns. Bounding loads by that one aligned number (not per-column head maps) lets
+    # the compiler prove 16-byte vectors, which the asynchronous copies of the software pipeline need.
+    j_last = tl.minimum(j0 + HB, num_kv_heads) - 1
+    k_base = tl.multiple_of(tl.load(K_OFF + j0), ALIGN_K)
+    v_base = tl.multiple_of(tl.load(V_OFF + j0), ALIGN_V)
+    k_cols = tl.multiple_of(tl.load(K_OFF + j_last) + tl.load(K_WID + j_last) - k_base, ALIGN_K)
+    v_cols = tl.multiple_of(tl.load(V_OFF + j_last) + tl.load(V_WID + j_last) - v_base, ALIGN_V)
+
+    # -- column → head maps ------------------------------------------------------------------------------
+    ck = tl.arange(0, RKB)
+    col = k_base + ck
+    in_k = (col[:, None] >= k_offs[None, :]) & (col[:, None] < (k_offs + k_wids)[None, :])  # [RKB, HP]
+    in_ki = in_k.to(tl.int32)
+    ck_ok = ck < k_cols
+    ck_head = tl.sum(in_ki * jh[None, :], 1)  # [RKB]
+    ck_row = col - tl.sum(in_ki * k_offs[None, :], 1)  # row of the head's U_K
+    sel = in_k.to(KDT)  # [RKB, HP] sums each head's columns
+
+    cv_ = tl.arange(0, RVB)
+    colv = v_base + cv_
+    in_v = (colv[:, None] >= v_offs[None, :]) & (colv[:, None] < (v_offs + v_wids)[None, :])  # [RVB, HP]
+    cv_ok = cv_ < v_cols
+
+    # -- M1ᵀ, M2ᵀ: [D2, RKB], the query folded into each column's up-projection row -----------------------
+    dd = tl.arange(0, D2)
+    q_ptr = Q + b * stride_qb + ck_head[:, None] * stride_qh + dd[None, :]
+    q1 = tl.load(q_ptr, mask=ck_ok[:, None], other=0.0).to(tl.float32) * q_scale  # [RKB, D2]
+    q2 = tl.load(q_ptr + D2, mask=ck_ok[:, None], other=0.0).to(tl.float32) * q_scale
+    u_ptr = KUP + ck_head[:, None] * stride_uh + ck_row[:, None] * stride_ur + dd[None, :]
+    u1 = tl.load(u_ptr, mask=ck_ok[:, None], other=0.0).to(tl.float32)
+    u2 = tl.load(u_ptr + D2, mask=ck_ok[:, None], other=0.0).to(tl.float32)
+    m1t = tl.trans(u1 * q1 + u2 * q2).to(KDT)
+    m2t = tl.trans(u1 * q2 - u2 * q1).to(KDT)
+    if HAS_BIAS:
+        # The bias rotates like the latent part: its score is cos @ β1ᵀ + sin @ β2ᵀ, [BN, HP].
+        qh_ptr = Q + b * stride_qb + jh[None, :] * stride_qh + dd[:, None]
+        qh1 = tl.load(qh_ptr, mask=h_ok[None, :], other=0.0).to(tl.float32) * q_scale  # [D2, HP]
+        qh2 = tl.load(qh_ptr + D2, mask=h_ok[None, :], other=0.0).to(tl.float32) * q_scale
+        kb_ptr = KBIAS + jh[None, :] * 2 * D2 + dd[:, None]
+        kb1 = tl.load(kb_ptr, mask=h_ok[None, :], other=0.0)
+        kb2 = tl.load(kb_ptr + D2, mask=h_ok[None, :], other=0.0)
+        beta1t = (qh1 * kb1 + qh2 * kb2).to(KDT)
+        beta2t = (qh2 * kb1 - qh1 * kb2).to(KDT)
+    invf0 = tl.load(INVF + dd)  # [D2] frequencies of position component 0 (zero where another rotates)
+
+    m_i = tl.full([HP], float("-inf"), tl.float32)
+    l_i = tl.zeros([HP], tl.float32)
+    acc = tl.zeros([RVB, HP], tl.float32)
+
+    k_row = K + b * stride_kb + k_base
+    v_row = V + b * stride_vb + v_base
+    pos_row = POS + b * stride_pb
+    hk_ok = h_ok[None, :]
+    for n0 in range(lo, hi, BN):
+        nn = n0 + tl.arange(0, BN)
+        n_ok = nn < hi
+        # -- angles [BN, D2]; M-RoPE sums one product per component (exact: the others add zeros) -------
+        p0 = tl.load(pos_row + nn * stride_ps, mask=n_ok, other=0).to(tl.float32)
+        ang = p0[:, None] * invf0[None, :]
+        for cpn in tl.static_range(1, NPOS):
+            pc = tl.load(pos_row + nn * stride_ps + cpn, mask=n_ok, other=0).to(tl.float32)
+            ang += pc[:, None] * tl.load(INVF + cpn * D2 + dd)[None, :]
+        cs, sn = _sincos(ang, FAST_TRIG)
+        cs = cs.to(KDT)
+        sn = sn.to(KDT)
+        # -- scores [BN, HP] ------------------------------------------------------------------------------
+        wk = tl.dot(cs, m1t)
+        wk = tl.dot(sn, m2t, wk)  # [BN, RKB] fp32
+        c = tl.load(
+            k_row + nn[:, None] * stride_ks + ck[None, :], mask=n_ok[:, None] & ck_ok[None, :], other=0.0
+        )  # [BN, RKB]
+        if LAT16:
+            # fp16 (or int8) latents: one packed fp16 multiply per two columns.
+            if INT8:
+                c = _int8_to_f16(c)
+            pk = c * wk.to(tl.float16)
+        else:
+            pk = (c.to(tl.float32) * wk).to(KDT)
+        st = tl.dot(pk, sel)  # [BN, HP]
+        nh_ok = n_ok[:, None] & hk_ok
+        if INT8:
+            zk = tl.load(
+                KSCALE + b * stride_zkb + nn[:, None] * stride_zks + jh[None, :], mask=nh_ok, other=0.0
+            )
+            st = st * zk
+        if HAS_BIAS:
+            st = tl.dot(cs, beta1t, st)
+            st = tl.dot(sn, beta2t, st)
+        if HAS_NORM:
+            nt = tl.load(
+                KNORM + b * stride_nb + nn[:, None] * stride_ns + jh[None, :] * stride_nh,
+                mask=nh_ok,
+                other=0.0,
+            )
+            st = st * nt
+        st = tl.where(n_ok[:, None], st, float("-inf"))
+        # -- online softmax (base 2) and latent-space V ---------------------------------------------------
+        m_new = tl.maximum(m_i, tl.max(st, 0))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(st - m_new[None, :])  # [BN, HP]
+        l_i = l_i * alpha + tl.sum(p, 0)
+        cv = tl.load(
+            v_row + nn[:, None] * stride_vs + cv_[None, :], mask=n_ok[:, None] & cv_ok[None, :], other=0.0
+        )  # [BN, RVB]
+        if INT8:
+            zv = tl.load(
+                VSCALE + b * stride_zvb + nn[:, None] * stride_zvs + jh[None, :], mask=nh_ok, other=0.0
+            )
+            p = p * zv
+        acc = acc * alpha[None, :]
+        # Every head's weights meet every column of the block; each head keeps only its own columns.
+        if INT8:
+            cv = _int8_to_f16(cv)
+        acc = tl.dot(tl.trans(_dot_operand(cv, CDT, DDT)), _dot_operand(p, CDT, DDT), acc)  # [RVB, HP]
+        m_i = m_new
+
+    has = l_i > 0.0
+    o = acc / tl.where(has, l_i, 1.0)[None, :]
+    own = in_v & hk_ok
+    rows = colv[:, None] - v_offs[None, :]  # [RVB, HP] column within the head's output
+    zc = tl.arange(0, OWP)
+    # Columns past a head's own V width up to the output width are zero (as for the grouped kernel).
+    z_ok = (zc[:, None] >= v_wids[None, :]) & (zc[:, None] < out_width) & hk_ok
+    zero = tl.zeros([OWP, HP], tl.float32)
+    if DIRECT:
+        o_ptr = OUT + b * stride_ob + jh[None, :] * stride_oh
+        tl.store(o_ptr + rows, o.to(OUT.dtype.element_ty), mask=own)
+        tl.store(o_ptr + zc[:, None], zero.to(OUT.dtype.element_ty), mask=z_ok)
+    else:
+        po_ptr = PO + b * stride_pob + jh[None, :] * stride_poh + split * stride_pos
+        tl.store(po_ptr + rows, o, mask=own)
+        tl.store(po_ptr + zc[:, None], zero, mask=z_ok)
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(PL + b * stride_plb + jh * stride_plh + split, lse, mask=h_ok)
+
+
+@triton.jit
 def _latent_decode_merge(
     PO,
     PL,
@@ -325,7 +560,13 @@ def _latent_decode_merge(
 # -- launch configuration --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Block sizes and schedule of one launch. ``split_len`` 0 lets :func:`launch_config` choose."""
+    """Block sizes and schedule of one launch. ``split_len`` 0 lets :func:`launch_config` choose.
+
+    ``heads_per_program`` > 0 selects the per-head kernel (:func:`uses_heads_kernel`): each program
+    scores that many consecutive KV heads, and ``rank_chunk`` / ``v_chunk`` are ignored (the program
+    holds all K and V columns of its heads). 0 selects the grouped kernel, which rebuilds K in
+    ``rank_chunk``-row chunks and accumulates V in ``v_chunk``-wide chunks.
+    """
 
     block_n: int
     num_warps: int
@@ -333,6 +574,7 @@ class LaunchConfig:
     rank_chunk: int
     v_chunk: int
     split_len: int = 0
+    heads_per_program: int = 0
 
 
 def _pow2(x: int) -> int:
@@ -361,10 +603,62 @@ _TABLE: tuple[tuple[int, int, tuple[int, int, int]], ...] = (
 )
 
 
+# Per-head kernel: heads per program by the widest head's K latent, then (block_n, num_warps,
+# num_stages) by the K columns one program holds (the [block_n, columns] fp32 tile of W lives in
+# registers). From the launch sweep of benchmarks/attention_decode.py (docs/kernel.md lists it).
+_HEADS_PER_PROGRAM: tuple[tuple[int, int], ...] = ((32, 4), (64, 2), (1 << 30, 1))
+_HEADS_TABLE: tuple[tuple[int, tuple[int, int, int]], ...] = (
+    (128, (64, 8, 2)),
+    (256, (32, 8, 2)),
+    (1 << 30, (16, 8, 2)),
+)
+
+
+def uses_heads_kernel(w: LatentWeights) -> bool:
+    """Whether the per-head kernel serves this layer: every KV head has its own K and V latent (WSVD's
+    per-head factors, any ranks) and one query head per KV head (MHA). Shared, grouped and joint latents
+    and GQA run on the grouped kernel, which rebuilds each KV head's keys once for all its query heads."""
+    heads = tuple(range(w.num_kv_heads))
+    return w.queries_per_kv == 1 and w.k_layout.head_group == heads and w.v_layout.head_group == heads
+
+
+@functools.lru_cache(maxsize=1024)
+def _block_width(widths: tuple[int, ...], heads_per_program: int) -> int:
+    """Widest run of ``heads_per_program`` consecutive heads' latents (the columns one program reads)."""
+    return max(sum(widths[i : i + heads_per_program]) for i in range(0, len(widths), heads_per_program))
+
+
+def heads_launch_config(
+    batch: int, max_len: int, w: LatentWeights, device: torch.device, heads_per_program: int = 0
+) -> LaunchConfig:
+    """Launch of the per-head kernel: heads per program and block sizes from the tables."""
+    if heads_per_program <= 0:
+        widest = w.k_layout.max_width
+        heads_per_program = next(hb for limit, hb in _HEADS_PER_PROGRAM if widest <= limit)
+    cols = max(16, _pow2(_block_width(w.k_layout.widths, heads_per_program)))
+    if device.type != "cuda":
+        block_n, warps, stages = 16, 4, 1
+    else:
+        block_n, warps, stages = next(cfg for limit, cfg in _HEADS_TABLE if cols <= limit)
+    n_blocks = triton.cdiv(w.num_kv_heads, heads_per_program)
+    split_len = _split_len(batch, n_blocks, max_len, block_n, device)
+    return LaunchConfig(block_n, warps, stages, 0, 0, split_len, heads_per_program)
+
+
 def launch_config(
     batch: int, num_kv_heads: int, max_len: int, w: LatentWeights, device: torch.device
 ) -> LaunchConfig:
-    """Block sizes from the table, split length so that the grid covers the GPU about four times."""
+    """The kernel that serves this layer (:func:`uses_heads_kernel`), block sizes from its table, and a
+    split length so that the grid covers the GPU about four times."""
+    if uses_heads_kernel(w):
+        return heads_launch_config(batch, max_len, w, device)
+    return grouped_launch_config(batch, num_kv_heads, max_len, w, device)
+
+
+def grouped_launch_config(
+    batch: int, num_kv_heads: int, max_len: int, w: LatentWeights, device: torch.device
+) -> LaunchConfig:
+    """Launch of the grouped kernel (any layout): rank and V chunks, block sizes from its table."""
     kw, vw = w.k_layout.max_width, w.out_width
     # U_K,j stays in registers only up to 64 rows; wider ranks go in chunks of 64 (a [128, d] U in
     # registers spilled and ran 3.5x slower on an H200).
@@ -403,8 +697,7 @@ class _Static:
     v_off: torch.Tensor
     v_wid: torch.Tensor
     v_grp: torch.Tensor
-    inv_freq: torch.Tensor
-    sec: torch.Tensor
+    invf_by_component: torch.Tensor
     k_bias: torch.Tensor
     dummy: torch.Tensor
 
@@ -423,14 +716,22 @@ def _static(w: LatentWeights, rows: int, device: torch.device) -> _Static:
         k_up.contiguous(),
         *w.k_layout.tables(device),
         *w.v_layout.tables(device),
-        w.rope.inv_freq.to(device=device, dtype=torch.float32).contiguous(),
-        w.rope.section_index().to(device),
+        _invf_by_component(w).to(device),
         w.k_bias.to(device=device, dtype=torch.float32).contiguous() if w.k_bias is not None else dummy,
         dummy,
     )
     w.launch_cache.clear()  # one entry: a layer runs at one padding on one device
     w.launch_cache[key] = st
     return st
+
+
+def _invf_by_component(w: LatentWeights) -> torch.Tensor:
+    """[num_positions, d/2] fp32: row c holds the frequencies that position component c rotates and zeros
+    elsewhere, so an angle is Σ_c pos_c · row_c (one row without M-RoPE)."""
+    invf = w.rope.inv_freq.float().cpu()
+    sec = w.rope.section_index().long()
+    comps = torch.arange(w.rope.num_positions)[:, None]
+    return torch.where(sec[None, :] == comps, invf[None, :], torch.zeros(())).contiguous()
 
 
 def _workspace(shape: tuple[int, ...], poison: bool, device: torch.device) -> torch.Tensor:
@@ -457,27 +758,36 @@ def latent_attention_decode(
     """One decode step on the GPU (or under ``TRITON_INTERPRET=1``): [B, H_q, out_width] in q's dtype.
 
     ``max_len`` bounds ``ends - starts`` (defaults to the cache capacity, which over-counts splits but
-    never reads past ``ends``); passing it avoids sizing the grid for empty capacity. ``out`` receives
-    the result if given. ``poison_workspace`` fills the split partials with NaN first (tests: an entry
-    the merge reads but no split wrote then shows up as NaN).
+    never reads past ``ends``); passing it avoids sizing the grid for empty capacity. ``config`` overrides
+    the launch (its ``heads_per_program`` picks the kernel; > 0 needs :func:`uses_heads_kernel`). ``out``
+    receives the result if given. ``poison_workspace`` fills the split partials with NaN first (tests: an
+    entry the merge reads but no split wrote then shows up as NaN).
     """
     b, hq, d = q.shape
     hkv = w.num_kv_heads
-    qpk = w.queries_per_kv
     max_len = kv.k.shape[1] if max_len is None else max_len
     cfg = config or launch_config(b, hkv, max_len, w, q.device)
-    if cfg.split_len == 0:
-        programs = hkv * triton.cdiv(w.out_width, cfg.v_chunk)
-        split = _split_len(b, programs, max_len, cfg.block_n, q.device)
-        cfg = LaunchConfig(cfg.block_n, cfg.num_warps, cfg.num_stages, cfg.rank_chunk, cfg.v_chunk, split)
-    kw = w.k_layout.max_width
-    n_rk = triton.cdiv(kw, cfg.rank_chunk)
-    dev = q.device
-    st = _static(w, max(w.k_up.shape[1], n_rk * cfg.rank_chunk), dev)
+    heads_kernel = cfg.heads_per_program > 0
+    if heads_kernel and not uses_heads_kernel(w):
+        raise ValueError(
+            "heads_per_program > 0 needs per-head K and V latents and one query head per KV head; "
+            f"this layer has {w.queries_per_kv} query heads per KV head and K groups {w.k_layout.head_group}"
+        )
+    if heads_kernel:
+        hb = cfg.heads_per_program
+        n_blocks = triton.cdiv(hkv, hb)
+        programs = n_blocks
+        n_vchunks = 1
+    else:
+        n_vchunks = triton.cdiv(w.out_width, cfg.v_chunk)
+        programs = hkv * n_vchunks
+    split_len = cfg.split_len or _split_len(b, programs, max_len, cfg.block_n, q.device)
+    n_rk = 1 if heads_kernel else triton.cdiv(w.k_layout.max_width, cfg.rank_chunk)
+    rows = w.k_up.shape[1] if heads_kernel else max(w.k_up.shape[1], n_rk * cfg.rank_chunk)
+    st = _static(w, rows, q.device)
     k_up = st.k_up
     out_width = w.out_width
-    n_vchunks = triton.cdiv(out_width, cfg.v_chunk)
-    n_splits = max(1, triton.cdiv(max(max_len, 1), cfg.split_len))
+    n_splits = max(1, triton.cdiv(max(max_len, 1), split_len))
     if out is None:
         out = torch.empty(b, hq, out_width, device=q.device, dtype=q.dtype)
     elif out.shape != (b, hq, out_width) or out.stride(2) != 1:
@@ -492,49 +802,17 @@ def latent_attention_decode(
         po = _workspace((b, hq, n_splits, out_width), poison_workspace, q.device)
         pl = _workspace((b, hq, n_splits), poison_workspace, q.device)
 
-    k_off, k_wid, k_grp = st.k_off, st.k_wid, st.k_grp
-    v_off, v_wid, v_grp = st.v_off, st.v_wid, st.v_grp
-    inv_freq, sec = st.inv_freq, st.sec
     dummy = st.dummy
     k_scale = kv.k_scale if kv.k_scale is not None else dummy.view(1, 1, 1)
     v_scale = kv.v_scale if kv.v_scale is not None else dummy.view(1, 1, 1)
     k_norm = kv.k_norm if kv.k_norm is not None else dummy.view(1, 1, 1)
-    k_bias = st.k_bias
     norm_head_stride = k_norm.stride(2) if k_norm.shape[2] > 1 else 0
     cdt = _TL_DTYPES[k_up.dtype]
     # bf16 dots are broken in the Triton interpreter (elementwise bf16 is not); see _dot_operand.
     ddt = tl.float32 if (interpreting() and k_up.dtype == torch.bfloat16) else cdt
     q_scale = w.scale * LOG2E * w.rope.attention_factor
     qc = q.contiguous()
-
-    grid = (n_splits, hkv * n_vchunks, b)
-    _latent_decode_split[grid](
-        qc,
-        kv.k,
-        kv.v,
-        k_up,
-        k_bias,
-        kv.positions,
-        sec,
-        inv_freq,
-        k_scale,
-        v_scale,
-        k_norm,
-        k_off,
-        k_wid,
-        k_grp,
-        v_off,
-        v_wid,
-        v_grp,
-        starts,
-        ends,
-        po,
-        pl,
-        out,
-        q_scale,
-        cfg.split_len,
-        n_vchunks,
-        out_width,
+    strides = (
         qc.stride(0),
         qc.stride(1),
         kv.k.stride(0),
@@ -559,12 +837,9 @@ def latent_attention_decode(
         pl.stride(1),
         out.stride(0),
         out.stride(1),
-        QPK=qpk,
-        QP=max(16, _pow2(qpk)),
+    )
+    flags = dict(
         D2=d // 2,
-        RKC=cfg.rank_chunk,
-        NRKC=n_rk,
-        RVC=cfg.v_chunk,
         BN=cfg.block_n,
         NPOS=w.rope.num_positions,
         INT8=kv.quantized,
@@ -579,6 +854,79 @@ def latent_attention_decode(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if heads_kernel:
+        _latent_decode_heads[(n_splits, n_blocks, b)](
+            qc,
+            kv.k,
+            kv.v,
+            k_up,
+            st.k_bias,
+            kv.positions,
+            st.invf_by_component,
+            k_scale,
+            v_scale,
+            k_norm,
+            st.k_off,
+            st.k_wid,
+            st.v_off,
+            st.v_wid,
+            starts,
+            ends,
+            po,
+            pl,
+            out,
+            q_scale,
+            split_len,
+            hkv,
+            out_width,
+            *strides,
+            HB=hb,
+            HP=max(16, _pow2(hb)),
+            RKB=max(16, _pow2(_block_width(w.k_layout.widths, hb))),
+            RVB=max(16, _pow2(_block_width(w.v_layout.widths, hb))),
+            OWP=max(16, _pow2(out_width)),
+            # The query-side RoPE tiles (cos/sin, the folded up-projections, the per-column products) are
+            # fp16 dot operands whatever the cache dtype (HF itself casts cos/sin to the model dtype);
+            # fp32 caches keep fp32 throughout.
+            KDT=tl.float32 if k_up.dtype == torch.float32 else tl.float16,
+            LAT16=kv.k.dtype in (torch.float16, torch.int8),
+            **flags,
+        )
+    else:
+        _latent_decode_split[(n_splits, hkv * n_vchunks, b)](
+            qc,
+            kv.k,
+            kv.v,
+            k_up,
+            st.k_bias,
+            kv.positions,
+            st.invf_by_component,
+            k_scale,
+            v_scale,
+            k_norm,
+            st.k_off,
+            st.k_wid,
+            st.k_grp,
+            st.v_off,
+            st.v_wid,
+            st.v_grp,
+            starts,
+            ends,
+            po,
+            pl,
+            out,
+            q_scale,
+            split_len,
+            n_vchunks,
+            out_width,
+            *strides,
+            QPK=w.queries_per_kv,
+            QP=max(16, _pow2(w.queries_per_kv)),
+            RKC=cfg.rank_chunk,
+            NRKC=n_rk,
+            RVC=cfg.v_chunk,
+            **flags,
+        )
     if not direct:
         br = min(128, max(16, _pow2(out_width)))
         _latent_decode_merge[(b * hq, triton.cdiv(out_width, br))](
