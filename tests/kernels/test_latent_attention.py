@@ -182,6 +182,16 @@ CASES = {
     "heads_fp32": dict(
         num_heads=2, num_kv_heads=2, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(63, 17), dtype=torch.float32
     ),
+    "heads_int8_fp32_model": dict(
+        num_heads=2,
+        num_kv_heads=2,
+        k_ranks=(17, 48),
+        v_ranks=(48, 17),
+        lengths=(63, 17),
+        dtype=torch.float32,
+        int8=True,
+        bias=True,
+    ),
     "heads_empty_row": dict(num_heads=2, num_kv_heads=2, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(0, 20)),
     # Heads wider than 64 and 128 columns: one head a program, up to 256 columns.
     "heads_wide_ragged": dict(

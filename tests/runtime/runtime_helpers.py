@@ -74,6 +74,29 @@ def compressed_tiny(family: str, method: str, ratio: float = 0.6, seed: int = 0,
     return compress_model(build_tiny_model(family, seed=seed), family, method, ratio, targets, scheme)
 
 
+def mha_config(config):
+    """``config`` (edited in place) with one KV head per query head: the tiny families are GQA, and
+    per-head latents of an MHA model are what the per-head decode kernel serves."""
+    text = config.get_text_config()
+    text.num_key_value_heads = text.num_attention_heads
+    return config
+
+
+def count_heads_kernel(monkeypatch) -> dict[str, int]:
+    """Counts launch decisions for the per-head kernel (``heads_launch_config`` calls)."""
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    counts = {"heads": 0}
+    original = triton_impl.heads_launch_config
+
+    def spy(*args, **kwargs):
+        counts["heads"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(triton_impl, "heads_launch_config", spy)
+    return counts
+
+
 def model_from_config(config, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

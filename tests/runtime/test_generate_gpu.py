@@ -17,9 +17,11 @@ from runtime_helpers import (
     assert_greedy_agrees,
     cache_of,
     compress_model,
+    count_heads_kernel,
     decode_steps,
     fake_quant_forward,
     greedy,
+    mha_config,
     model_from_config,
     padded_batch,
     set_bits,
@@ -45,8 +47,9 @@ NEW_TOKENS = 8
 TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2}
 
 
-def gpu_tiny(family: str, method: str, ratio: float = 0.5):
-    """The family's tiny model with head_dim 32 (random biases and norm gains), compressed."""
+def gpu_tiny(family: str, method: str, ratio: float = 0.5, mha: bool = False):
+    """The family's tiny model with head_dim 32 (random biases and norm gains), compressed; ``mha``
+    gives every query head its own KV head (the per-head kernel's case with per-head latents)."""
     config = tiny_config(family)
     text = config.get_text_config()
     if family in ("qwen2_vl", "qwen2_5_vl"):
@@ -54,6 +57,8 @@ def gpu_tiny(family: str, method: str, ratio: float = 0.5):
         text.num_attention_heads, text.num_key_value_heads = 2, 1
     else:
         text.head_dim = 32
+    if mha:
+        mha_config(config)
     rope = getattr(text, "rope_parameters", None) or {}
     if rope.get("mrope_section"):
         rope["mrope_section"] = [2 * s for s in rope["mrope_section"]]  # sums to head_dim / 2
@@ -173,3 +178,25 @@ def test_generate_on_gpu_long_prompt(monkeypatch):
     model, inputs = _on_gpu(model, inputs, torch.float16)
     out = _compare(model, inputs, torch.float16, monkeypatch)
     assert cache_of(out).layers[0].starts.tolist() == [37, 0]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_generate_on_gpu_per_head_kernel(family, monkeypatch):
+    """MHA with per-head latents: the per-head kernel serves every decode step (Qwen2-VL: M-RoPE, K
+    bias), fp16 and int8 latents."""
+    model = gpu_tiny(family, "wsvd", mha=True)
+    model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
+    heads = count_heads_kernel(monkeypatch)
+    _compare(model, inputs, torch.float16, monkeypatch)
+    assert heads["heads"] > 0
+
+    model = gpu_tiny(family, "wsvd", mha=True)
+    model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
+    mods = set_bits(model, 8)
+    fake_quant_forward(mods, 8)
+
+    def drop_fake_quant():
+        for mod in mods:
+            del mod.forward
+
+    _compare(model, inputs, torch.float16, monkeypatch, kv_int8=True, reference_model_setup=drop_fake_quant)

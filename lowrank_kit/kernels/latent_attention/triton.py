@@ -855,6 +855,10 @@ def latent_attention_decode(
         num_stages=cfg.num_stages,
     )
     if heads_kernel:
+        # The query-side RoPE tiles (cos/sin, the folded up-projections, the per-column products) are
+        # fp16 dot operands whatever the 16-bit cache dtype (HF itself casts cos/sin to the model
+        # dtype); fp32 models keep fp32 throughout.
+        k16 = k_up.dtype != torch.float32
         _latent_decode_heads[(n_splits, n_blocks, b)](
             qc,
             kv.k,
@@ -885,11 +889,8 @@ def latent_attention_decode(
             RKB=max(16, _pow2(_block_width(w.k_layout.widths, hb))),
             RVB=max(16, _pow2(_block_width(w.v_layout.widths, hb))),
             OWP=max(16, _pow2(out_width)),
-            # The query-side RoPE tiles (cos/sin, the folded up-projections, the per-column products) are
-            # fp16 dot operands whatever the cache dtype (HF itself casts cos/sin to the model dtype);
-            # fp32 caches keep fp32 throughout.
-            KDT=tl.float32 if k_up.dtype == torch.float32 else tl.float16,
-            LAT16=kv.k.dtype in (torch.float16, torch.int8),
+            KDT=tl.float16 if k16 else tl.float32,
+            LAT16=k16 and kv.k.dtype in (torch.float16, torch.int8),
             **flags,
         )
     else:
