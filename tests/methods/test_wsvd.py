@@ -1,5 +1,7 @@
 """wsvd: per-head whitened SVD, importance allocation per target, Fisher-weighted local fine-tuning."""
 
+import copy
+
 import pytest
 import torch
 from method_helpers import TARGETS, make_job, make_samples
@@ -166,3 +168,46 @@ def test_config_validation():
         WSVDConfig(ft_lr=0.0)
     with pytest.raises(ValueError, match="whitening"):
         WSVDConfig(whitening="qr")
+
+
+def test_fine_tuned_factors_are_what_the_model_runs_and_meet_an_independent_fisher_objective():
+    # GQA 4:2, so a wrong head slice of K/V (or of their Fisher) would show up as a mismatch.
+    model = build_tiny_model("llava")
+    samples = make_samples(model, n=6)
+    ref = copy.deepcopy(model)
+    fisher = {}
+    for s in samples:
+        ref.zero_grad()
+        ref(**s.inputs, labels=s.labels).loss.backward()
+        for layer in range(2):
+            for t in TARGETS:
+                g = make_job(ref).projection(layer, t).weight.grad
+                fisher[(layer, t)] = fisher.get((layer, t), 0) + g * g / len(samples)
+    job = make_job(model, samples=samples, ratios=dict.fromkeys(TARGETS, 0.5), allocation="importance")
+    plan = WSVDDecomposer(WSVDConfig(ft_steps=50, ft_lr=1e-3)).decompose(job)
+    no_ft = WSVDDecomposer(WSVDConfig(finetune=False)).decompose(
+        make_job(model, samples=samples, ratios=dict.fromkeys(TARGETS, 0.5), allocation="importance")
+    )
+    compressed = make_job(apply_plan(copy.deepcopy(model), job.adapter, plan))
+    d, before, after, heads = job.info.head_dim, [], [], 0
+    for layer in range(2):
+        for t in TARGETS:
+            mod = compressed.projection(layer, t)
+            assert mod.num_heads == job.info.heads_of(t)
+            W, F = job.weight(layer, t), fisher[(layer, t)]
+            for h, r in enumerate(no_ft.layers[layer].factors[t].ranks):
+                if r >= d:
+                    continue
+                rows = slice(h * d, (h + 1) * d)
+                f0 = no_ft.layers[layer].factors[t]
+                den = (F[rows] * W[rows] ** 2).sum()
+                before.append(float((F[rows] * (W[rows] - f0.A[h] @ f0.B[h]) ** 2).sum() / den))
+                tuned = (mod.head_up(h) @ mod.head_down(h)).detach()
+                after.append(float((F[rows] * (W[rows] - tuned) ** 2).sum() / den))
+                heads += 1
+    ft = plan.report["finetune"]
+    assert heads == ft["heads_tuned"] > 0
+    # The report's losses are those of the factors the model runs, from a Fisher of the model's own loss.
+    assert sum(before) / heads == pytest.approx(ft["mean_loss_before"], rel=1e-5)
+    assert sum(after) / heads == pytest.approx(ft["mean_loss_after"], rel=1e-5)
+    assert ft["mean_loss_after"] < 0.9 * ft["mean_loss_before"]
