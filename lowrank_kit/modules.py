@@ -143,6 +143,8 @@ class PerHeadLowRankLinear(nn.Module):
         for r in self.ranks:
             offsets.append(offsets[-1] + r)
         self.offsets = offsets
+        # Derived tensors of the ragged up-projection (index tables, padded weights); not state.
+        self._runtime_cache: dict = {}
 
     @classmethod
     def from_factors(
@@ -190,14 +192,40 @@ class PerHeadLowRankLinear(nn.Module):
             ups = self.up_weight.view(self.head_dim, self.num_heads, r)  # [d, H, r]
             out = torch.einsum("...hr,dhr->...hd", cs, ups).flatten(-2)
         else:
-            out = torch.cat(
-                [
-                    c[..., self.offsets[h] : self.offsets[h + 1]] @ self.head_up(h).T
-                    for h in range(self.num_heads)
-                ],
-                dim=-1,
-            )
+            # Ragged ranks in one batched product over heads padded to the widest rank (the padding
+            # multiplies zeros): a loop over heads costs two launches a head, ~2000 a decode step of a
+            # 32-layer model, which the GPU then waits on.
+            # Slots past a head's rank read column 0 of the latent; their weights are zero.
+            index, valid = self._ragged_index(c.device)
+            out = torch.einsum("...hr,hrd->...hd", c[..., index], self._padded_up(index, valid)).flatten(-2)
         return out + self.bias if self.bias is not None else out
+
+    def _ragged_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """[H, r_max] column of each head's latent slot (0 where past its rank) and the valid mask."""
+        key = ("index", device)
+        hit = self._runtime_cache.get(key)
+        if hit is None:
+            r_max = max(self.ranks)
+            cols = torch.arange(r_max)
+            ranks = torch.tensor(self.ranks)
+            valid = cols[None, :] < ranks[:, None]
+            index = torch.where(valid, torch.tensor(self.offsets[:-1])[:, None] + cols[None, :], 0)
+            hit = self._runtime_cache[key] = (index.to(device), valid.to(device))
+        return hit
+
+    def _padded_up(self, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """The heads' A blocks as [H, r_max, d], zero past each rank; kept while the weight is unchanged
+        and no gradient flows through it."""
+        w = self.up_weight
+        pad = lambda: (w[:, index] * valid.to(w.dtype)).permute(1, 2, 0)  # noqa: E731
+        if torch.is_grad_enabled() and w.requires_grad:
+            return pad()
+        key = ("up", w.device, w.dtype, w.data_ptr(), w._version)
+        hit = self._runtime_cache.get(key)
+        if hit is None:
+            self._runtime_cache = {k: v for k, v in self._runtime_cache.items() if k[0] != "up"}
+            hit = self._runtime_cache[key] = pad().contiguous()
+        return hit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.down(x))

@@ -68,3 +68,25 @@ def test_dtype_and_device_are_preserved():
     f = DenseFactors(torch.randn(4, 2), torch.randn(2, 6))
     mod = LowRankLinear.from_factors(f, None, torch.bfloat16, "cpu")
     assert mod.up.weight.dtype == torch.bfloat16 and mod.down.weight.dtype == torch.bfloat16
+
+
+def test_ragged_up_projection_follows_weight_edits_and_carries_gradients():
+    """Ragged ranks run as one padded product whose padded weight is kept between calls: it must follow
+    an in-place edit of the weight and must not cut the gradient when the weight is trained."""
+    torch.manual_seed(1)
+    ranks = [3, 9, 16, 1]
+    A = [torch.randn(8, r) for r in ranks]
+    B = [torch.randn(r, 12) for r in ranks]
+    mod = PerHeadLowRankLinear.from_factors(HeadFactors(A, B), None, torch.float32, "cpu")
+    x = torch.randn(2, 5, 12)
+
+    def blockwise():
+        return torch.cat([x @ mod.head_down(h).T @ mod.head_up(h).T for h in range(4)], dim=-1)
+
+    with torch.no_grad():
+        assert torch.allclose(mod(x), blockwise(), atol=1e-5)
+        mod.up_weight[:, 3:12] *= -2.0  # head 1's A block, edited in place
+        assert torch.allclose(mod(x), blockwise(), atol=1e-5)
+    mod(x).pow(2).sum().backward()
+    grad = mod.up_weight.grad
+    assert grad is not None and bool((grad[:, 3:12] != 0).any())
