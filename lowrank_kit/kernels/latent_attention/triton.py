@@ -438,10 +438,13 @@ def _latent_decode_heads(
         nn = n0 + tl.arange(0, BN)
         n_ok = nn < hi
         # -- angles [BN, D2]; M-RoPE sums one product per component (exact: the others add zeros) -------
-        p0 = tl.load(pos_row + nn * stride_ps, mask=n_ok, other=0).to(tl.float32)
+        # Past `hi` the positions index is clamped rather than masked: a mask shared with the [BN, HP]
+        # score tiles gave this load their layout, in which each thread copied 32 positions one by one.
+        pos_ptr = pos_row + tl.minimum(n0 + tl.arange(0, BN), hi - 1) * stride_ps
+        p0 = tl.load(pos_ptr).to(tl.float32)
         ang = p0[:, None] * invf0[None, :]
         for cpn in tl.static_range(1, NPOS):
-            pc = tl.load(pos_row + nn * stride_ps + cpn, mask=n_ok, other=0).to(tl.float32)
+            pc = tl.load(pos_ptr + cpn).to(tl.float32)
             ang += pc[:, None] * tl.load(INVF + cpn * D2 + dd)[None, :]
         cs, sn = _sincos(ang, FAST_TRIG)
         cs = cs.to(KDT)
