@@ -302,6 +302,8 @@ def _latent_decode_heads(
     K_WID,
     V_OFF,
     V_WID,
+    BLK_HEAD,
+    BLK_COUNT,
     STARTS,
     ENDS,
     PO,
@@ -309,7 +311,6 @@ def _latent_decode_heads(
     OUT,
     q_scale,
     split_len,
-    num_kv_heads,
     out_width,
     stride_qb,
     stride_qh,
@@ -360,9 +361,11 @@ def _latent_decode_heads(
     #   q·rope(k) = Σ_i cos a_i (q1_i k1_i + q2_i k2_i) + sin a_i (q2_i k1_i − q1_i k2_i)
     #             = Σ_r c_r · W_r,   W = cos(a) @ M1ᵀ + sin(a) @ M2ᵀ,
     # M1 = U1·q1 + U2·q2 and M2 = U1·q2 − U2·q1 ([rank, d/2], built once per program). So no key is
-    # rebuilt or rotated: per token the kernel forms W on tensor cores from a cos/sin tile that all HB
-    # heads of the program share, multiplies it into the latent elementwise, and sums each head's columns
-    # with a 0/1 selector dot. RoPE's special-function work is paid once per token for HB heads.
+    # rebuilt or rotated: per token the kernel forms W on tensor cores from a cos/sin tile that all heads
+    # of the program share, multiplies it into the latent elementwise, and sums each head's columns with a
+    # 0/1 selector dot. RoPE's special-function work is paid once per token for the program's heads. A
+    # program's heads are a run of consecutive KV heads (BLK_HEAD, BLK_COUNT) packed up to a column budget,
+    # so ragged ranks fill programs instead of padding every head to the widest.
     split = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -372,9 +375,10 @@ def _latent_decode_heads(
     lo = start + split * split_len
     hi = tl.minimum(end, lo + split_len)
 
-    j0 = blk * HB
+    j0 = tl.load(BLK_HEAD + blk)
     hh = tl.arange(0, HP)
-    h_ok = (hh < HB) & (j0 + hh < num_kv_heads)
+    # HB bounds every program's head count at compile time: slots past it are known empty.
+    h_ok = (hh < HB) & (hh < tl.load(BLK_COUNT + blk))
     jh = tl.where(h_ok, j0 + hh, j0)  # [HP] KV head (= query head) of each slot; padding slots alias j0
     k_offs = tl.load(K_OFF + jh)
     k_wids = tl.where(h_ok, tl.load(K_WID + jh), 0)
@@ -383,7 +387,7 @@ def _latent_decode_heads(
     # The block's heads sit side by side in a cached row, so its latents are one contiguous run of
     # k_cols (v_cols) columns. Bounding loads by that one aligned number (not per-column head maps) lets
     # the compiler prove 16-byte vectors, which the asynchronous copies of the software pipeline need.
-    j_last = tl.minimum(j0 + HB, num_kv_heads) - 1
+    j_last = j0 + tl.load(BLK_COUNT + blk) - 1
     k_base = tl.multiple_of(tl.load(K_OFF + j0), ALIGN_K)
     v_base = tl.multiple_of(tl.load(V_OFF + j0), ALIGN_V)
     k_cols = tl.multiple_of(tl.load(K_OFF + j_last) + tl.load(K_WID + j_last) - k_base, ALIGN_K)
@@ -566,9 +570,9 @@ class LaunchConfig:
     """Block sizes and schedule of one launch. ``split_len`` 0 lets :func:`launch_config` choose.
 
     ``heads_per_program`` > 0 selects the per-head kernel (:func:`uses_heads_kernel`): each program
-    scores that many consecutive KV heads, and ``rank_chunk`` / ``v_chunk`` are ignored (the program
-    holds all K and V columns of its heads). 0 selects the grouped kernel, which rebuilds K in
-    ``rank_chunk``-row chunks and accumulates V in ``v_chunk``-wide chunks.
+    scores a run of at most that many consecutive KV heads whose K and V latents fit ``columns`` columns
+    (:func:`head_blocks`); ``rank_chunk`` / ``v_chunk`` are ignored. 0 selects the grouped kernel, which
+    rebuilds K in ``rank_chunk``-row chunks and accumulates V in ``v_chunk``-wide chunks.
     """
 
     block_n: int
@@ -578,6 +582,7 @@ class LaunchConfig:
     v_chunk: int
     split_len: int = 0
     heads_per_program: int = 0
+    columns: int = 128
 
 
 def _pow2(x: int) -> int:
@@ -606,14 +611,17 @@ _TABLE: tuple[tuple[int, int, tuple[int, int, int]], ...] = (
 )
 
 
-# Per-head kernel: heads per program by the widest head's K latent, then (block_n, num_warps,
-# num_stages) by the K columns one program holds (the [block_n, columns] fp32 tile of W lives in
-# registers). From the launch sweep of benchmarks/attention_decode.py (docs/kernel.md lists it).
-_HEADS_PER_PROGRAM: tuple[tuple[int, int], ...] = ((32, 4), (64, 2), (1 << 30, 1))
+# Per-head kernel: consecutive heads are packed into programs of at most `columns` K and V latent
+# columns (and at most 16 heads), then (block_n, num_warps, num_stages) by the padded column count. From
+# the launch sweep of benchmarks/attention_decode.py on an H100 (docs/kernel.md): 128 columns, 64-token
+# tiles, 4 warps and 2 stages measured fastest (two rank-64 heads: 442 µs at B=16, 8192 tokens, against
+# 543-871 µs with 8 warps, 542-629 µs with one head and 546 µs with four heads a program).
+HEADS_COLUMNS = 128
+HEADS_MAX = 16
 _HEADS_TABLE: tuple[tuple[int, tuple[int, int, int]], ...] = (
-    (128, (64, 8, 2)),
-    (256, (32, 8, 2)),
-    (1 << 30, (16, 8, 2)),
+    (128, (64, 4, 2)),
+    (256, (64, 8, 2)),
+    (1 << 30, (32, 8, 2)),
 )
 
 
@@ -626,26 +634,47 @@ def uses_heads_kernel(w: LatentWeights) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
-def _block_width(widths: tuple[int, ...], heads_per_program: int) -> int:
-    """Widest run of ``heads_per_program`` consecutive heads' latents (the columns one program reads)."""
-    return max(sum(widths[i : i + heads_per_program]) for i in range(0, len(widths), heads_per_program))
+def head_blocks(
+    k_widths: tuple[int, ...], v_widths: tuple[int, ...], columns: int, max_heads: int
+) -> tuple[tuple[int, int], ...]:
+    """Runs of consecutive heads ``(first, count)``, each adding heads while its K and its V latents stay
+    within ``columns`` (a head wider than that is a run of its own) and it holds at most ``max_heads``."""
+    blocks: list[tuple[int, int]] = []
+    first, kc, vc = 0, 0, 0
+    for j, (kw, vw) in enumerate(zip(k_widths, v_widths)):
+        count = j - first
+        if count and (kc + kw > columns or vc + vw > columns or count == max_heads):
+            blocks.append((first, count))
+            first, kc, vc = j, 0, 0
+        kc, vc = kc + kw, vc + vw
+    blocks.append((first, len(k_widths) - first))
+    return tuple(blocks)
+
+
+def _block_columns(widths: tuple[int, ...], blocks: tuple[tuple[int, int], ...]) -> int:
+    """Padded column count of the widest block (a power of two, at least 16)."""
+    return max(16, _pow2(max(sum(widths[f : f + n]) for f, n in blocks)))
 
 
 def heads_launch_config(
-    batch: int, max_len: int, w: LatentWeights, device: torch.device, heads_per_program: int = 0
+    batch: int,
+    max_len: int,
+    w: LatentWeights,
+    device: torch.device,
+    heads_per_program: int = 0,
+    columns: int = HEADS_COLUMNS,
 ) -> LaunchConfig:
-    """Launch of the per-head kernel: heads per program and block sizes from the tables."""
-    if heads_per_program <= 0:
-        widest = w.k_layout.max_width
-        heads_per_program = next(hb for limit, hb in _HEADS_PER_PROGRAM if widest <= limit)
-    cols = max(16, _pow2(_block_width(w.k_layout.widths, heads_per_program)))
+    """Launch of the per-head kernel: heads packed into programs of at most ``columns`` latent columns
+    and ``heads_per_program`` heads (0: up to :data:`HEADS_MAX`), block sizes from the table."""
+    max_heads = heads_per_program if heads_per_program > 0 else HEADS_MAX
+    blocks = head_blocks(w.k_layout.widths, w.v_layout.widths, columns, max_heads)
+    cols = _block_columns(w.k_layout.widths, blocks)
     if device.type != "cuda":
         block_n, warps, stages = 16, 4, 1
     else:
         block_n, warps, stages = next(cfg for limit, cfg in _HEADS_TABLE if cols <= limit)
-    n_blocks = triton.cdiv(w.num_kv_heads, heads_per_program)
-    split_len = _split_len(batch, n_blocks, max_len, block_n, device)
-    return LaunchConfig(block_n, warps, stages, 0, 0, split_len, heads_per_program)
+    split_len = _split_len(batch, len(blocks), max_len, block_n, device)
+    return LaunchConfig(block_n, warps, stages, 0, 0, split_len, max_heads, columns)
 
 
 def launch_config(
@@ -728,6 +757,19 @@ def _static(w: LatentWeights, rows: int, device: torch.device) -> _Static:
     return st
 
 
+def _block_tables(
+    w: LatentWeights, blocks: tuple[tuple[int, int], ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First head and head count of each program's run, as int32 tensors on ``device`` (kept on ``w``)."""
+    key = ("blocks", str(device), blocks)
+    hit = w.launch_cache.get(key)
+    if hit is None:
+        first = torch.tensor([f for f, _ in blocks], dtype=torch.int32, device=device)
+        count = torch.tensor([n for _, n in blocks], dtype=torch.int32, device=device)
+        hit = w.launch_cache[key] = (first, count)
+    return hit
+
+
 def _invf_by_component(w: LatentWeights) -> torch.Tensor:
     """[num_positions, d/2] fp32: row c holds the frequencies that position component c rotates and zeros
     elsewhere, so an angle is Σ_c pos_c · row_c (one row without M-RoPE)."""
@@ -777,9 +819,8 @@ def latent_attention_decode(
             f"this layer has {w.queries_per_kv} query heads per KV head and K groups {w.k_layout.head_group}"
         )
     if heads_kernel:
-        hb = cfg.heads_per_program
-        n_blocks = triton.cdiv(hkv, hb)
-        programs = n_blocks
+        blocks = head_blocks(w.k_layout.widths, w.v_layout.widths, cfg.columns, cfg.heads_per_program)
+        programs = n_blocks = len(blocks)
         n_vchunks = 1
     else:
         n_vchunks = triton.cdiv(w.out_width, cfg.v_chunk)
@@ -877,6 +918,7 @@ def latent_attention_decode(
             st.k_wid,
             st.v_off,
             st.v_wid,
+            *_block_tables(w, blocks, q.device),
             starts,
             ends,
             po,
@@ -884,13 +926,12 @@ def latent_attention_decode(
             out,
             q_scale,
             split_len,
-            hkv,
             out_width,
             *strides,
-            HB=hb,
-            HP=max(16, _pow2(hb)),
-            RKB=max(16, _pow2(_block_width(w.k_layout.widths, hb))),
-            RVB=max(16, _pow2(_block_width(w.v_layout.widths, hb))),
+            HB=max(n for _, n in blocks),
+            HP=max(16, _pow2(max(n for _, n in blocks))),
+            RKB=_block_columns(w.k_layout.widths, blocks),
+            RVB=_block_columns(w.v_layout.widths, blocks),
             OWP=max(16, _pow2(out_width)),
             KDT=tl.float16 if k16 else tl.float32,
             LAT16=k16 and kv.k.dtype in (torch.float16, torch.int8),
