@@ -60,7 +60,7 @@ for p in "${parts[@]}"; do
     e2e)
       step decode_e2e 390 python3 benchmarks/decode_e2e.py --output "$OUT/decode_e2e_llava-next-7b_$CARD.json" ;;
     grid)
-      step attention_grid 300 python3 benchmarks/attention_decode.py run --grid cross --time-budget 200 \
+      step attention_grid 330 python3 benchmarks/attention_decode.py run --grid cross --time-budget 280 --rhos 0.5 0.9 \
         --out "$OUT/attention_decode_grid_$CARD.json" ;;
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
