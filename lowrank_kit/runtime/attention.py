@@ -238,17 +238,22 @@ class LatentAttention:
         def store(lat: torch.Tensor, pre, pack: torch.Tensor | None, quant, dst: torch.Tensor, scale_dst):
             if pre is not None:
                 lat = pre(lat)
+            if quant is None:
+                # The cache is allocated zeroed and padding columns are never written, so the latent goes
+                # straight into its columns (one launch instead of zeros, scatter and copy).
+                if pack is not None:
+                    dst[:, s0:s1, pack] = lat.to(dst.dtype)
+                else:
+                    dst[:, s0:s1] = lat
+                return
             if pack is not None:
                 packed = lat.new_zeros(*lat.shape[:-1], dst.shape[-1])
                 packed[..., pack] = lat
             else:
                 packed = lat
-            if quant is None:
-                dst[:, s0:s1] = packed
-            else:
-                q, s = quantize_latents(packed, quant, f.bits)
-                dst[:, s0:s1] = q
-                scale_dst[:, s0:s1] = s
+            q, s = quantize_latents(packed, quant, f.bits)
+            dst[:, s0:s1] = q
+            scale_dst[:, s0:s1] = s
 
         k_lat = self.projections["k_proj"].latent(x)
         store(k_lat, f.k.pre_quant, mat.k_pack, mat.k_quant, cache.k, cache.k_scale)

@@ -88,6 +88,15 @@ def test_per_head_latents_with_ragged_ranks(family):
                 col += -(-r // 4) * 4
             assert stored.shape[-1] == -(-col // 16) * 16, (name, mod.ranks, stored.shape)
             torch.testing.assert_close(stored[:, :n], expected, rtol=0, atol=0)
+            # Decode steps write only their latents' columns; the padding columns stay zero.
+            padding = torch.ones(stored.shape[-1], dtype=torch.bool)
+            col = 0
+            for r in mod.ranks:
+                padding[col : col + r] = False
+                col += -(-r // 4) * 4
+            decoded = stored[:, n : cached.length]
+            assert decoded.shape[1] > 0 and decoded[..., ~padding].abs().sum() > 0
+            assert torch.equal(decoded[..., padding], torch.zeros_like(decoded[..., padding]))
 
 
 def test_joint_latent_is_cached_once():

@@ -183,13 +183,17 @@ def test_generate_on_gpu_long_prompt(monkeypatch):
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
 def test_generate_on_gpu_per_head_kernel(family, monkeypatch):
     """MHA with per-head latents: the per-head kernel serves every decode step (Qwen2-VL: M-RoPE, K
-    bias), fp16 and int8 latents."""
+    bias)."""
     model = gpu_tiny(family, "wsvd", mha=True)
     model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
     heads = count_heads_kernel(monkeypatch)
     _compare(model, inputs, torch.float16, monkeypatch)
     assert heads["heads"] > 0
 
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_generate_on_gpu_per_head_kernel_int8(family, monkeypatch):
+    """The per-head kernel on int8 latents, against a reference whose latents are fake-quantized."""
     model = gpu_tiny(family, "wsvd", mha=True)
     model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
     mods = set_bits(model, 8)
@@ -199,4 +203,6 @@ def test_generate_on_gpu_per_head_kernel(family, monkeypatch):
         for mod in mods:
             del mod.forward
 
+    heads = count_heads_kernel(monkeypatch)
     _compare(model, inputs, torch.float16, monkeypatch, kv_int8=True, reference_model_setup=drop_fake_quant)
+    assert heads["heads"] > 0
