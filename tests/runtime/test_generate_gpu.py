@@ -91,6 +91,20 @@ def _compare(model, inputs, dtype, monkeypatch, kv_int8: bool = False, reference
     return out
 
 
+def _compare_int8(model, inputs, monkeypatch):
+    """Greedy runs with int8 latents against a reference whose K/V latents are fake-quantized the same way."""
+    mods = set_bits(model, 8)
+    fake_quant_forward(mods, 8)
+
+    def drop_fake_quant():
+        for mod in mods:
+            del mod.forward
+
+    return _compare(
+        model, inputs, torch.float16, monkeypatch, kv_int8=True, reference_model_setup=drop_fake_quant
+    )
+
+
 def _families(cases):
     return [
         pytest.param(
@@ -137,14 +151,7 @@ def test_generate_on_gpu_int8_latents(family, method, monkeypatch):
     """int8 latents against a reference whose K/V latents are fake-quantized the same way."""
     model = gpu_tiny(family, method)
     model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
-    mods = set_bits(model, 8)
-    fake_quant_forward(mods, 8)
-
-    def drop_fake_quant():
-        for mod in mods:
-            del mod.forward
-
-    _compare(model, inputs, torch.float16, monkeypatch, kv_int8=True, reference_model_setup=drop_fake_quant)
+    _compare_int8(model, inputs, monkeypatch)
 
 
 def test_generate_on_gpu_head_dim_128(monkeypatch):
@@ -196,13 +203,6 @@ def test_generate_on_gpu_per_head_kernel_int8(family, monkeypatch):
     """The per-head kernel on int8 latents, against a reference whose latents are fake-quantized."""
     model = gpu_tiny(family, "wsvd", mha=True)
     model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
-    mods = set_bits(model, 8)
-    fake_quant_forward(mods, 8)
-
-    def drop_fake_quant():
-        for mod in mods:
-            del mod.forward
-
     heads = count_heads_kernel(monkeypatch)
-    _compare(model, inputs, torch.float16, monkeypatch, kv_int8=True, reference_model_setup=drop_fake_quant)
+    _compare_int8(model, inputs, monkeypatch)
     assert heads["heads"] > 0

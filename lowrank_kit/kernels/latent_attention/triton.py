@@ -376,9 +376,10 @@ def _latent_decode_heads(
     hi = tl.minimum(end, lo + split_len)
 
     j0 = tl.load(BLK_HEAD + blk)
+    nh = tl.load(BLK_COUNT + blk)
     hh = tl.arange(0, HP)
     # HB bounds every program's head count at compile time: slots past it are known empty.
-    h_ok = (hh < HB) & (hh < tl.load(BLK_COUNT + blk))
+    h_ok = (hh < HB) & (hh < nh)
     jh = tl.where(h_ok, j0 + hh, j0)  # [HP] KV head (= query head) of each slot; padding slots alias j0
     k_offs = tl.load(K_OFF + jh)
     k_wids = tl.where(h_ok, tl.load(K_WID + jh), 0)
@@ -387,7 +388,7 @@ def _latent_decode_heads(
     # The block's heads sit side by side in a cached row, so its latents are one contiguous run of
     # k_cols (v_cols) columns. Bounding loads by that one aligned number (not per-column head maps) lets
     # the compiler prove 16-byte vectors, which the asynchronous copies of the software pipeline need.
-    j_last = j0 + tl.load(BLK_COUNT + blk) - 1
+    j_last = j0 + nh - 1
     k_base = tl.multiple_of(tl.load(K_OFF + j0), ALIGN_K)
     v_base = tl.multiple_of(tl.load(V_OFF + j0), ALIGN_V)
     k_cols = tl.multiple_of(tl.load(K_OFF + j_last) + tl.load(K_WID + j_last) - k_base, ALIGN_K)
