@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lowrank_kit.kernels.latent_attention.layout import LatentLayout
+
 
 @dataclass
 class DenseFactors:
@@ -201,15 +203,12 @@ class PerHeadLowRankLinear(nn.Module):
         return out + self.bias if self.bias is not None else out
 
     def _ragged_index(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """[H, r_max] column of each head's latent slot (0 where past its rank) and the valid mask."""
+        """[H, r_max] column of each head's latent slot (0 where past its rank) and the valid mask: the
+        latent cache's head columns of an unpadded per-head layout."""
         key = ("index", device)
         hit = self._runtime_cache.get(key)
         if hit is None:
-            r_max = max(self.ranks)
-            cols = torch.arange(r_max)
-            ranks = torch.tensor(self.ranks)
-            valid = cols[None, :] < ranks[:, None]
-            index = torch.where(valid, torch.tensor(self.offsets[:-1])[:, None] + cols[None, :], 0)
+            index, valid = LatentLayout.per_head(self.ranks, align=1).head_columns()
             hit = self._runtime_cache[key] = (index.to(device), valid.to(device))
         return hit
 

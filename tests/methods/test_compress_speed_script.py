@@ -1,21 +1,15 @@
 """The compression-speed benchmark script runs end to end on a tiny model and writes its JSON."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
+from script_helpers import load_benchmark_script
 
 from lowrank_kit.models.tiny import build_tiny_model
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "compress_speed.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("compress_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("compress_speed")
 
 
 def test_llava_samples_have_one_images_tokens_and_a_labelled_answer():

@@ -7,24 +7,17 @@ the heads' input directions changed, per-head truncation must win when the heads
 orthogonal whitened directions and lose when they all read the same ones.
 """
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from method_helpers import TARGETS, make_samples
+from script_helpers import load_benchmark_script
 
 from lowrank_kit.models.loading import adapter_for_config
 from lowrank_kit.models.tiny import build_tiny_model
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "wsvd_diagnostics.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("wsvd_diagnostics", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("wsvd_diagnostics")
 
 
 def _errors(script, model, adapter, samples, ratio=0.5):

@@ -1,24 +1,18 @@
 """The quantization accuracy benchmark runs end to end on the tiny LLaVA and writes its JSON and table."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from PIL import Image
+from script_helpers import load_benchmark_script
 
 from lowrank_kit.data.items import VQAItem
 from lowrank_kit.data.tsv import write_tsv
 from lowrank_kit.models.tiny import save_tiny_checkpoint
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quant_accuracy.py"
-
 
 def _script():
-    spec = importlib.util.spec_from_file_location("quant_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("quant_accuracy")
 
 
 def _items(n):

@@ -1,18 +1,16 @@
 """The end-to-end decode benchmark (lowrank_kit.runtime.bench, benchmarks/decode_e2e.py) on a shrunk
 architecture on the CPU: what it measures, that a broken latent path reports no speedup, its errors."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from script_helpers import load_benchmark_script
 
 import lowrank_kit.runtime.attention as attention
 from lowrank_kit.errors import LowRankError
 from lowrank_kit.runtime.bench import E2ESettings, run_e2e, shrunk_config, summary_line
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "decode_e2e.py"
 # Two layers of the LLaVA-NeXT-7B text model at 1/16 of its width (2 heads of 128), a short run.
 SMALL = dict(
     device="cpu", dtype="float32", layers=2, hidden_scale=16, batch=2, context=48, steps=3, warmup=1,
@@ -21,10 +19,7 @@ SMALL = dict(
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("decode_e2e", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("decode_e2e")
 
 
 def test_run_measures_both_sides_and_checks_the_latent_path():

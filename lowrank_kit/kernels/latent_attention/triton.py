@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -652,9 +653,25 @@ def head_blocks(
     return tuple(blocks)
 
 
-def _block_columns(widths: tuple[int, ...], blocks: tuple[tuple[int, int], ...]) -> int:
-    """Padded column count of the widest block (a power of two, at least 16)."""
-    return max(16, _pow2(max(sum(widths[f : f + n]) for f, n in blocks)))
+class _HeadGeometry(NamedTuple):
+    blocks: tuple[tuple[int, int], ...]
+    heads: int  # most heads in one program
+    k_columns: int  # padded K columns of the widest program (a power of two, at least 16)
+    v_columns: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _head_geometry(
+    k_widths: tuple[int, ...], v_widths: tuple[int, ...], columns: int, max_heads: int
+) -> _HeadGeometry:
+    """The programs of the per-head kernel and their compile-time sizes, computed once per layout (the
+    launch asks for them at every decode step of every layer)."""
+    blocks = head_blocks(k_widths, v_widths, columns, max_heads)
+
+    def padded(widths: tuple[int, ...]) -> int:
+        return max(16, _pow2(max(sum(widths[f : f + n]) for f, n in blocks)))
+
+    return _HeadGeometry(blocks, max(n for _, n in blocks), padded(k_widths), padded(v_widths))
 
 
 def heads_launch_config(
@@ -668,13 +685,12 @@ def heads_launch_config(
     """Launch of the per-head kernel: heads packed into programs of at most ``columns`` latent columns
     and ``heads_per_program`` heads (0: up to :data:`HEADS_MAX`), block sizes from the table."""
     max_heads = heads_per_program if heads_per_program > 0 else HEADS_MAX
-    blocks = head_blocks(w.k_layout.widths, w.v_layout.widths, columns, max_heads)
-    cols = _block_columns(w.k_layout.widths, blocks)
+    geo = _head_geometry(w.k_layout.widths, w.v_layout.widths, columns, max_heads)
     if device.type != "cuda":
         block_n, warps, stages = 16, 4, 1
     else:
-        block_n, warps, stages = next(cfg for limit, cfg in _HEADS_TABLE if cols <= limit)
-    split_len = _split_len(batch, len(blocks), max_len, block_n, device)
+        block_n, warps, stages = next(cfg for limit, cfg in _HEADS_TABLE if geo.k_columns <= limit)
+    split_len = _split_len(batch, len(geo.blocks), max_len, block_n, device)
     return LaunchConfig(block_n, warps, stages, 0, 0, split_len, max_heads, columns)
 
 
@@ -820,8 +836,8 @@ def latent_attention_decode(
             f"this layer has {w.queries_per_kv} query heads per KV head and K groups {w.k_layout.head_group}"
         )
     if heads_kernel:
-        blocks = head_blocks(w.k_layout.widths, w.v_layout.widths, cfg.columns, cfg.heads_per_program)
-        programs = n_blocks = len(blocks)
+        geo = _head_geometry(w.k_layout.widths, w.v_layout.widths, cfg.columns, cfg.heads_per_program)
+        programs = n_blocks = len(geo.blocks)
         n_vchunks = 1
     else:
         n_vchunks = triton.cdiv(w.out_width, cfg.v_chunk)
@@ -919,7 +935,7 @@ def latent_attention_decode(
             st.k_wid,
             st.v_off,
             st.v_wid,
-            *_block_tables(w, blocks, q.device),
+            *_block_tables(w, geo.blocks, q.device),
             starts,
             ends,
             po,
@@ -929,10 +945,10 @@ def latent_attention_decode(
             split_len,
             out_width,
             *strides,
-            HB=max(n for _, n in blocks),
-            HP=max(16, _pow2(max(n for _, n in blocks))),
-            RKB=_block_columns(w.k_layout.widths, blocks),
-            RVB=_block_columns(w.v_layout.widths, blocks),
+            HB=geo.heads,
+            HP=max(16, _pow2(geo.heads)),
+            RKB=geo.k_columns,
+            RVB=geo.v_columns,
             OWP=max(16, _pow2(out_width)),
             KDT=tl.float16 if k16 else tl.float32,
             LAT16=k16 and kv.k.dtype in (torch.float16, torch.int8),
