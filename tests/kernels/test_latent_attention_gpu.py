@@ -80,8 +80,10 @@ def test_kernel_matches_naive_at_model_sizes(name):
 
     spec = {"dtype": torch.float16, **CASES[name]}
     spec["batch"] = len(spec["lengths"])
-    for seed in (0, 1):
-        p = make_problem(seed=seed, device="cuda", **spec)
+    # Positions as in generation (the per-head kernel reads RoPE from its table), then random up to 30000
+    # (outside the table: its exact on-chip fallback; large angles for the grouped kernel).
+    for seed, positions in ((0, "sequential"), (1, "random")):
+        p = make_problem(seed=seed, positions=positions, device="cuda", **spec)
         out = torch.full(
             (spec["batch"], p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype
         )
@@ -92,8 +94,9 @@ def test_kernel_matches_naive_at_model_sizes(name):
         assert err < TOL[spec["dtype"]], f"{name} seed {seed}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("positions", ["sequential", "random"])
 @pytest.mark.parametrize("heads_per_program", [1, 2, 4])
-def test_heads_per_program_at_model_size(heads_per_program):
+def test_heads_per_program_at_model_size(heads_per_program, positions):
     from lowrank_kit.kernels.latent_attention import triton as triton_impl
 
     p = make_problem(
@@ -106,6 +109,7 @@ def test_heads_per_program_at_model_size(heads_per_program):
         lengths=[8192, 1000],
         left_pad=[0, 77],
         dtype=torch.float16,
+        positions=positions,
     )
     base = triton_impl.heads_launch_config(2, p.max_len, p.w, p.q.device, heads_per_program)
     out = torch.full((2, 32, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype)

@@ -90,7 +90,10 @@ def problem(
     seed: int = 0,
     lengths: list[int] | None = None,
     left_pad: list[int] | None = None,
+    positions: str = "sequential",
 ):
+    """A decode problem at a benchmark shape; positions as in generation unless ``positions`` says
+    "random" (see :func:`~lowrank_kit.kernels.latent_attention.testing.make_problem`)."""
     from lowrank_kit.kernels.latent_attention.testing import make_problem
 
     m = MODELS[model] if isinstance(model, str) else model
@@ -109,6 +112,7 @@ def problem(
         bias=m["bias"],
         mrope_section=m["mrope_section"],
         qk_norm=m.get("qk_norm"),
+        positions=positions,
         seed=seed,
         device="cuda",
     )
@@ -209,7 +213,9 @@ def check_variant(model: str | dict[str, Any], ranks, *, int8: bool, layout: str
     from lowrank_kit.kernels.latent_attention.testing import relative_error
 
     worst = 0.0
-    for seed in (0, 1):
+    # Positions as in generation (the per-head kernel's RoPE table) and random up to 30000 (its exact
+    # on-chip fallback for positions outside the table; the grouped kernel's large angles).
+    for seed, positions in ((0, "sequential"), (1, "random")):
         p = problem(
             model,
             3,
@@ -220,6 +226,7 @@ def check_variant(model: str | dict[str, Any], ranks, *, int8: bool, layout: str
             seed=seed,
             lengths=[1000, 517, 1],
             left_pad=[0, 301, 999],
+            positions=positions,
         )
         out = torch.full((3, p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=torch.float16)
         triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, out=out, poison_workspace=True)
@@ -259,17 +266,29 @@ SWEEP_CLASSES = (
 
 def _config_ok(model: str, ranks, int8: bool, cfg) -> tuple[bool, float]:
     """One launch configuration (its split length 0: chosen for this problem) against the naive twin
-    (2 rows, 1000 and 517 tokens, left padding)."""
+    (2 rows, 1000 and 517 tokens, left padding; positions as in generation, then random)."""
     from lowrank_kit.kernels.latent_attention import naive
     from lowrank_kit.kernels.latent_attention import triton as triton_impl
     from lowrank_kit.kernels.latent_attention.testing import relative_error
 
-    p = problem(model, 2, 1000, ranks, int8=int8, seed=7, lengths=[1000, 517], left_pad=[0, 301])
-    out = torch.full((2, p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=torch.float16)
-    triton_impl.latent_attention_decode(
-        p.q, p.kv, p.w, p.starts, p.ends, config=cfg, out=out, poison_workspace=True
-    )
-    err = relative_error(out, naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends))
+    err = 0.0
+    for positions in ("sequential", "random"):
+        p = problem(
+            model,
+            2,
+            1000,
+            ranks,
+            int8=int8,
+            seed=7,
+            lengths=[1000, 517],
+            left_pad=[0, 301],
+            positions=positions,
+        )
+        out = torch.full((2, p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=torch.float16)
+        triton_impl.latent_attention_decode(
+            p.q, p.kv, p.w, p.starts, p.ends, config=cfg, out=out, poison_workspace=True
+        )
+        err = max(err, relative_error(out, naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)))
     return err < CHECK_TOL["int8" if int8 else "fp16"], err
 
 

@@ -70,10 +70,14 @@ def make_problem(
     mrope_section: tuple[int, ...] | None = None,
     left_pad: Sequence[int] | None = None,
     capacity: int | None = None,
+    positions: str = "random",
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> Problem:
     """A random decode problem. Row b attends to slots ``[left_pad[b], left_pad[b] + lengths[b])``.
+
+    ``positions``: "random" (each token's position drawn from [0, 30000): large angles, unrelated to the
+    slot) or "sequential" (as in generation: slot minus the row's left padding, every component alike).
 
     ``layout``: "per_head" (one group per KV head; ``k_ranks``/``v_ranks`` per head), "grouped" (one
     group per ``heads_per_group`` heads; ranks per group) or "shared" (one group; one rank each).
@@ -118,12 +122,19 @@ def make_problem(
     v, v_scale = latents(vl)
     npos = rope.num_positions
     # Positions are not slot indices: rows start at different offsets and M-RoPE components differ.
-    positions = torch.randint(0, 30000, (batch, cap, npos), generator=gen, dtype=torch.int32, device=dev)
+    if positions == "random":
+        pos = torch.randint(0, 30000, (batch, cap, npos), generator=gen, dtype=torch.int32, device=dev)
+    elif positions == "sequential":
+        slot = torch.arange(cap, dtype=torch.int32, device=dev)[None, :]
+        pad = torch.tensor(left_pad, dtype=torch.int32, device=dev)[:, None]
+        pos = (slot - pad)[..., None].expand(batch, cap, npos).contiguous()
+    else:
+        raise ValueError(f"unknown positions {positions!r}; available: random, sequential")
     k_norm = None
     if qk_norm is not None:
         heads = num_kv_heads if qk_norm == "per_head" else 1
         k_norm = torch.rand(batch, cap, heads, generator=gen, device=dev) + 0.5
-    kv = LatentKV(k, v, positions, k_scale, v_scale, k_norm)
+    kv = LatentKV(k, v, pos, k_scale, v_scale, k_norm)
     q = randn(batch, num_heads, head_dim).to(dtype)
     starts = torch.tensor(left_pad, dtype=torch.int32, device=dev)
     ends = torch.tensor([p + n for p, n in zip(left_pad, lengths)], dtype=torch.int32, device=dev)
