@@ -8,6 +8,9 @@
 #   OUT=/tmp/gpu CARD=h100 bash benchmarks/heads_table_session.sh
 set -uo pipefail
 OUT=${OUT:?set OUT}; CARD=${CARD:-h100}
+mkdir -p "$OUT"
+# pydantic for the device image (see gpu_session.sh)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD LOWRANK_KIT_CACHE=/tmp/lowrank-cache
 timeout 300 python3 benchmarks/attention_decode.py run --sweep --sweep-classes fp16 int8 --batches 16 \
   --lengths 8192 --rhos 0.5 --time-budget 200 --out "$OUT/attention_decode_target_$CARD.json" >"$OUT/sweep.log" 2>&1
