@@ -80,8 +80,7 @@ def test_kernel_matches_naive_at_model_sizes(name):
 
     spec = {"dtype": torch.float16, **CASES[name]}
     spec["batch"] = len(spec["lengths"])
-    # Positions as in generation (the per-head kernel reads RoPE from its table), then random up to 30000
-    # (outside the table: its exact on-chip fallback; large angles for the grouped kernel).
+    # Positions as in generation (slot minus left padding), then random up to 30000 (large angles).
     for seed, positions in ((0, "sequential"), (1, "random")):
         p = make_problem(seed=seed, positions=positions, device="cuda", **spec)
         out = torch.full(

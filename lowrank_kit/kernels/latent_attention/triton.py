@@ -61,22 +61,6 @@ def _sincos(x, FAST: tl.constexpr):
 
 
 @triton.jit
-def _cos(x, phase, FAST: tl.constexpr):
-    # cos(x + phase) for angles x up to 1e4..1e5 rad: x is reduced to [-π, π] as in _sincos before the
-    # phase (−π/2 turns a cos into a sin) is added, which at such angles would lose ~1e-3 rad to rounding.
-    k = tl.floor(x * 0.15915494309189535 + 0.5)
-    r = x - k * 6.28125
-    r = r - k * 0.0019353071795864769 + phase
-    if FAST:
-        c = tl.inline_asm_elementwise(
-            "cos.approx.f32 $0, $1;", "=r,r", [r], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        c = tl.cos(r)
-    return c
-
-
-@triton.jit
 def _int8_to_f16(x):
     # Exact int8 → fp16 on the full-rate integer/fp16 units instead of I2F (a quarter-rate conversion
     # that shares its pipe with sin/cos/exp2): 0x6400 | (x + 128) is the fp16 number 1024 + (x + 128).
@@ -315,8 +299,6 @@ def _latent_decode_heads(
     KSCALE,
     VSCALE,
     KNORM,
-    TRIG,
-    SCR,
     K_OFF,
     K_WID,
     V_OFF,
@@ -331,7 +313,6 @@ def _latent_decode_heads(
     q_scale,
     split_len,
     out_width,
-    trig_len,
     stride_qb,
     stride_qh,
     stride_kb,
@@ -356,7 +337,6 @@ def _latent_decode_heads(
     stride_plh,
     stride_ob,
     stride_oh,
-    stride_sb,
     HB: tl.constexpr,
     HP: tl.constexpr,
     D2: tl.constexpr,
@@ -371,8 +351,6 @@ def _latent_decode_heads(
     ALIGN_K: tl.constexpr,
     ALIGN_V: tl.constexpr,
     FAST_TRIG: tl.constexpr,
-    TABLE: tl.constexpr,
-    PRE: tl.constexpr,
     DIRECT: tl.constexpr,
     LAT16: tl.constexpr,
     KDT: tl.constexpr,
@@ -432,32 +410,27 @@ def _latent_decode_heads(
     in_v = (colv[:, None] >= v_offs[None, :]) & (colv[:, None] < (v_offs + v_wids)[None, :])  # [RVB, HP]
     cv_ok = cv_ < v_cols
 
-    # -- Mᵀ = [M1ᵀ; M2ᵀ]: [2·D2, RKB], the query folded into each column's up-projection row -------------
-    # Row f < D2 of Mᵀ pairs with cos(a_f), row D2 + f with sin(a_f), so W is one dot with a [BN, 2·D2]
-    # trig tile of [cos | sin].
-    d2 = tl.arange(0, 2 * D2)
-    fq = d2 % D2
-    is_sin = d2 >= D2
-    q_ptr = Q + b * stride_qb + ck_head[:, None] * stride_qh + fq[None, :]
-    q1 = tl.load(q_ptr, mask=ck_ok[:, None], other=0.0).to(tl.float32) * q_scale  # [RKB, 2·D2]
+    # -- M1ᵀ, M2ᵀ: [D2, RKB], the query folded into each column's up-projection row -----------------------
+    dd = tl.arange(0, D2)
+    q_ptr = Q + b * stride_qb + ck_head[:, None] * stride_qh + dd[None, :]
+    q1 = tl.load(q_ptr, mask=ck_ok[:, None], other=0.0).to(tl.float32) * q_scale  # [RKB, D2]
     q2 = tl.load(q_ptr + D2, mask=ck_ok[:, None], other=0.0).to(tl.float32) * q_scale
-    u_ptr = KUP + ck_head[:, None] * stride_uh + ck_row[:, None] * stride_ur + fq[None, :]
+    u_ptr = KUP + ck_head[:, None] * stride_uh + ck_row[:, None] * stride_ur + dd[None, :]
     u1 = tl.load(u_ptr, mask=ck_ok[:, None], other=0.0).to(tl.float32)
     u2 = tl.load(u_ptr + D2, mask=ck_ok[:, None], other=0.0).to(tl.float32)
-    mt = tl.trans(tl.where(is_sin[None, :], u1 * q2 - u2 * q1, u1 * q1 + u2 * q2)).to(KDT)
+    m1t = tl.trans(u1 * q1 + u2 * q2).to(KDT)
+    m2t = tl.trans(u1 * q2 - u2 * q1).to(KDT)
     if HAS_BIAS:
-        # The bias rotates like the latent part: its score is [cos | sin] @ βᵀ, [BN, HP].
-        qh_ptr = Q + b * stride_qb + jh[None, :] * stride_qh + fq[:, None]
-        qh1 = tl.load(qh_ptr, mask=h_ok[None, :], other=0.0).to(tl.float32) * q_scale  # [2·D2, HP]
+        # The bias rotates like the latent part: its score is cos @ β1ᵀ + sin @ β2ᵀ, [BN, HP].
+        qh_ptr = Q + b * stride_qb + jh[None, :] * stride_qh + dd[:, None]
+        qh1 = tl.load(qh_ptr, mask=h_ok[None, :], other=0.0).to(tl.float32) * q_scale  # [D2, HP]
         qh2 = tl.load(qh_ptr + D2, mask=h_ok[None, :], other=0.0).to(tl.float32) * q_scale
-        kb_ptr = KBIAS + jh[None, :] * 2 * D2 + fq[:, None]
+        kb_ptr = KBIAS + jh[None, :] * 2 * D2 + dd[:, None]
         kb1 = tl.load(kb_ptr, mask=h_ok[None, :], other=0.0)
         kb2 = tl.load(kb_ptr + D2, mask=h_ok[None, :], other=0.0)
-        betat = tl.where(is_sin[:, None], qh2 * kb1 - qh1 * kb2, qh1 * kb1 + qh2 * kb2).to(KDT)
-    # Frequencies of each trig column for position component 0 (zero where another component rotates),
-    # and the phase that turns its cos into a sin: sin(a) = cos(a − π/2).
-    invf0 = tl.load(INVF + fq)  # [2·D2]
-    phase = tl.where(is_sin, -1.5707963267948966, 0.0)
+        beta1t = (qh1 * kb1 + qh2 * kb2).to(KDT)
+        beta2t = (qh2 * kb1 - qh1 * kb2).to(KDT)
+    invf0 = tl.load(INVF + dd)  # [D2] frequencies of position component 0 (zero where another rotates)
 
     m_i = tl.full([HP], float("-inf"), tl.float32)
     l_i = tl.zeros([HP], tl.float32)
@@ -467,52 +440,24 @@ def _latent_decode_heads(
     v_row = V + b * stride_vb + v_base
     pos_row = POS + b * stride_pb
     hk_ok = h_ok[None, :]
-    if TABLE:
-        # RoPE's [cos | sin] rows come from a table indexed by position (built once on the host, it stays
-        # in L2): the loop spends no special-function work on RoPE and the tile goes straight from memory
-        # to the tensor cores. The launcher sizes the table to the cache, so positions outside it are
-        # rare (explicit position ids); a program that meets one writes its rows into the scratch rows
-        # of its tokens first (exact, on chip) and reads those instead.
-        bad = 0
-        for n0 in range(lo, hi, PRE):
-            pp = tl.load(
-                pos_row + (n0 + tl.arange(0, PRE)) * stride_ps, mask=n0 + tl.arange(0, PRE) < hi, other=0
-            )
-            bad += tl.sum(((pp < 0) | (pp >= trig_len)).to(tl.int32), 0)
-        in_table = bad == 0
-        if not in_table:
-            for n0 in range(lo, hi, BN):
-                nn = n0 + tl.arange(0, BN)
-                pf = tl.load(pos_row + nn * stride_ps, mask=nn < hi, other=0).to(tl.float32)
-                rows = _cos(pf[:, None] * invf0[None, :], phase[None, :], FAST_TRIG)
-                tl.store(
-                    SCR + b * stride_sb + nn[:, None] * (2 * D2) + d2[None, :],
-                    rows.to(KDT),
-                    mask=(nn < hi)[:, None],
-                )
-            tl.debug_barrier()
-        t_row = tl.where(in_table, TRIG, SCR + b * stride_sb)
-        t_pos = in_table.to(tl.int32)
-        t_tok = 1 - t_pos
     for n0 in range(lo, hi, BN):
         nn = n0 + tl.arange(0, BN)
         n_ok = nn < hi
+        # -- angles [BN, D2]; M-RoPE sums one product per component (exact: the others add zeros) -------
         # Past `hi` the positions index is clamped rather than masked: a mask shared with the [BN, HP]
         # score tiles gave this load their layout, in which each thread copied 32 positions one by one.
-        n_cl = tl.minimum(n0 + tl.arange(0, BN), hi - 1)
-        if TABLE:
-            t_idx = tl.load(pos_row + n_cl * stride_ps) * t_pos + n_cl * t_tok
-            trig = tl.load(t_row + t_idx[:, None] * (2 * D2) + d2[None, :])
-        else:
-            # Angles [BN, 2·D2]; M-RoPE sums one product per component (exact: the others add zeros).
-            pos_ptr = pos_row + n_cl * stride_ps
-            ang = tl.load(pos_ptr).to(tl.float32)[:, None] * invf0[None, :]
-            for cpn in tl.static_range(1, NPOS):
-                pc = tl.load(pos_ptr + cpn).to(tl.float32)
-                ang += pc[:, None] * tl.load(INVF + cpn * D2 + fq)[None, :]
-            trig = _cos(ang, phase[None, :], FAST_TRIG).to(KDT)
+        pos_ptr = pos_row + tl.minimum(n0 + tl.arange(0, BN), hi - 1) * stride_ps
+        p0 = tl.load(pos_ptr).to(tl.float32)
+        ang = p0[:, None] * invf0[None, :]
+        for cpn in tl.static_range(1, NPOS):
+            pc = tl.load(pos_ptr + cpn).to(tl.float32)
+            ang += pc[:, None] * tl.load(INVF + cpn * D2 + dd)[None, :]
+        cs, sn = _sincos(ang, FAST_TRIG)
+        cs = cs.to(KDT)
+        sn = sn.to(KDT)
         # -- scores [BN, HP] ------------------------------------------------------------------------------
-        wk = tl.dot(trig, mt)  # [BN, RKB] fp32
+        wk = tl.dot(cs, m1t)
+        wk = tl.dot(sn, m2t, wk)  # [BN, RKB] fp32
         c = tl.load(
             k_row + nn[:, None] * stride_ks + ck[None, :], mask=n_ok[:, None] & ck_ok[None, :], other=0.0
         )  # [BN, RKB]
@@ -531,7 +476,8 @@ def _latent_decode_heads(
             )
             st = st * zk
         if HAS_BIAS:
-            st = tl.dot(trig, betat, st)
+            st = tl.dot(cs, beta1t, st)
+            st = tl.dot(sn, beta2t, st)
         if HAS_NORM:
             nt = tl.load(
                 KNORM + b * stride_nb + nn[:, None] * stride_ns + jh[None, :] * stride_nh,
@@ -850,36 +796,6 @@ def _invf_by_component(w: LatentWeights) -> torch.Tensor:
     return torch.where(sec[None, :] == comps, invf[None, :], torch.zeros(())).contiguous()
 
 
-# RoPE tables of the per-head kernel: [length, d] = [cos(p·f) | sin(p·f)] for positions p < length, keyed
-# by (frequencies, length, dtype, device). Layers with the same frequencies share one table.
-_ROPE_TABLES: dict[tuple, torch.Tensor] = {}
-_ROPE_TABLE_MIN = 4096
-
-
-def rope_table_length(capacity: int) -> int:
-    """Rows of the RoPE table for a cache of ``capacity`` tokens: a power of two that covers every
-    position a cache of that size holds in ordinary generation (positions below the token count)."""
-    return max(_ROPE_TABLE_MIN, _pow2(max(capacity, 1)))
-
-
-def rope_table(inv_freq: torch.Tensor, length: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The [length, 2·len(inv_freq)] table of cos and sin of p·inv_freq. The angle is the fp32 product,
-    as transformers' rotary embeddings form it (at p ~ 1e4 its rounding is ~1e-3 rad, the model's own);
-    its cos and sin are taken in fp64 and rounded once."""
-    invf = inv_freq.detach().to("cpu", torch.float32)
-    key = (tuple(invf.tolist()), length, dtype, str(device))
-    hit = _ROPE_TABLES.get(key)
-    if hit is None:
-        ang = torch.arange(length, device=device, dtype=torch.float32)[:, None] * invf.to(device)[None, :]
-        ang = ang.double()
-        hit = torch.cat([ang.cos(), ang.sin()], dim=1).to(dtype).contiguous()
-        # Longer tables of the same frequencies replace shorter ones.
-        for k in [k for k in _ROPE_TABLES if k[0] == key[0] and k[2:] == key[2:] and k[1] < length]:
-            del _ROPE_TABLES[k]
-        _ROPE_TABLES[key] = hit
-    return hit
-
-
 def _workspace(shape: tuple[int, ...], poison: bool, device: torch.device) -> torch.Tensor:
     if poison:
         return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
@@ -1004,20 +920,6 @@ def latent_attention_decode(
         # fp16 dot operands whatever the 16-bit cache dtype (HF itself casts cos/sin to the model
         # dtype); fp32 models keep fp32 throughout.
         k16 = k_up.dtype != torch.float32
-        kdt = torch.float16 if k16 else torch.float32
-        table = w.rope.num_positions == 1
-        if table:
-            cap = kv.k.shape[1]
-            trig_len = rope_table_length(cap)
-            key = ("rope", str(q.device), trig_len, kdt)
-            trig = w.launch_cache.get(key)
-            if trig is None:
-                trig = w.launch_cache[key] = rope_table(w.rope.inv_freq, trig_len, kdt, q.device)
-            # Rows of the tokens whose positions fall outside the table (written only by the programs
-            # that meet one, so usually untouched).
-            scr = torch.empty((b, cap, d), device=q.device, dtype=kdt)
-        else:
-            trig_len, trig, scr = 0, dummy, dummy.view(1, 1, 1)
         _latent_decode_heads[(n_splits, n_blocks, b)](
             qc,
             kv.k,
@@ -1029,8 +931,6 @@ def latent_attention_decode(
             k_scale,
             v_scale,
             k_norm,
-            trig,
-            scr,
             st.k_off,
             st.k_wid,
             st.v_off,
@@ -1044,9 +944,7 @@ def latent_attention_decode(
             q_scale,
             split_len,
             out_width,
-            trig_len,
             *strides,
-            scr.stride(0),
             HB=geo.heads,
             HP=max(16, _pow2(geo.heads)),
             RKB=geo.k_columns,
@@ -1054,8 +952,6 @@ def latent_attention_decode(
             OWP=max(16, _pow2(out_width)),
             KDT=tl.float16 if k16 else tl.float32,
             LAT16=k16 and kv.k.dtype in (torch.float16, torch.int8),
-            TABLE=table,
-            PRE=512 if q.is_cuda else 64,
             **flags,
         )
     else:

@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
+# Archived record: this ran on the device as benchmarks/heads_table_session.sh at commit 95af175 (the
+# per-head kernel with RoPE from a table, reverted afterwards because it measured slower); the files
+# next to it are its output.
+#
 # One device call (2026-12-07, second session): the launch sweep of the per-head
 # kernel at the target shape (fp16 and int8; the grouped kernel as baseline; SDPA and copy in the same
 # run), then the end-to-end decode benchmark with the sweep's fastest fp16 launch for <= 128 columns
