@@ -1,0 +1,162 @@
+"""Where a decode step's time goes: torch.profiler over a few greedy decode steps of the end-to-end
+benchmark's model (``benchmarks/decode_e2e.py``: LLaVA-NeXT-7B preset, random weights, batch 8,
+8192-token context by default), uncompressed on transformers and wsvd at ρ1 = 0.5 on the latent
+backend. Writes the operator tables (host time and device time per operator, top rows) and per-step
+host/device totals as JSON::
+
+    python benchmarks/profile_decode_step.py --output /tmp/profile.json
+    python benchmarks/profile_decode_step.py --tiny --device cpu --dtype float32 --output /tmp/p.json
+
+A step is host-bound when the host's time to issue it exceeds the device time of what it issues.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from lowrank_kit.runtime.bench import (
+    DTYPES,
+    E2ESettings,
+    _cache_kwarg,
+    _new_cache,
+    _sync,
+    build,
+    calibration_samples,
+    prompt_ids,
+)
+
+TINY = dict(layers=2, hidden_scale=16, batch=2, context=256)
+
+
+def _table(prof, device_type: str, top: int) -> list[dict]:
+    rows = []
+    for e in prof.key_averages():
+        dev = getattr(e, "device_time_total", None)
+        if dev is None:
+            dev = getattr(e, "cuda_time_total", 0.0)
+        rows.append(
+            {
+                "name": e.key,
+                "calls": e.count,
+                "host_self_us": e.self_cpu_time_total,
+                "host_total_us": e.cpu_time_total,
+                "device_self_us": getattr(
+                    e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)
+                ),
+                "device_total_us": dev,
+            }
+        )
+    key = "device_self_us" if device_type == "cuda" else "host_self_us"
+    by_device = sorted(rows, key=lambda r: -r[key])[:top]
+    by_host = sorted(rows, key=lambda r: -r["host_self_us"])[:top]
+    return {"by_device_self": by_device, "by_host_self": by_host}
+
+
+@torch.no_grad()
+def profile_steps(model, ids: torch.Tensor, latent: bool, steps: int, top: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    device = ids.device
+    kw = _cache_kwarg(model)
+    cache = _new_cache(model, latent, ids.shape[1] + steps + 4)
+    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
+    tok = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(2):  # warm-up steps (compilation, allocator)
+        tok = model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    # Unprofiled timing of the same number of steps first, then the profiled ones.
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tok = model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+    # Host time to issue one step: time until the last launch returns, without waiting for the device.
+    _sync(device)
+    t0 = time.perf_counter()
+    tok = model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    issue_ms = 1e3 * (time.perf_counter() - t0)
+    _sync(device)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            tok = model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+    tables = _table(prof, device.type, top)
+    dev_total = sum(r["device_self_us"] for r in _table(prof, device.type, 10**9)["by_device_self"])
+    return {
+        "wall_ms_per_step": wall_ms,
+        "host_issue_ms_one_step": issue_ms,
+        "device_ms_per_step_profiled": dev_total / 1e3 / steps,
+        **tables,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    d = E2ESettings()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default=d.arch)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--context", type=int, default=None)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=30)
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--output", type=Path, required=True)
+    a = p.parse_args(argv)
+    values = dict(TINY) if a.tiny else {}
+    for k in ("batch", "context"):
+        if getattr(a, k) is not None:
+            values[k] = getattr(a, k)
+    s = E2ESettings(
+        **{**{k: v for k, v in values.items() if k in E2ESettings.__dataclass_fields__}},
+        arch=a.arch,
+        device=a.device,
+        dtype=a.dtype,
+        calib_samples=2 if a.tiny else d.calib_samples,
+        calib_tokens=64 if a.tiny else d.calib_tokens,
+    )
+    s.validate()
+    from lowrank_kit.pipeline import compress
+    from lowrank_kit.recipe import parse_recipe
+    from lowrank_kit.runtime import enable_latent_decode
+
+    model = build(s)
+    ids = prompt_ids(model, s.batch, s.context, s.seed)
+    res = {"settings": {"arch": s.arch, "batch": s.batch, "context": s.context, "dtype": s.dtype}}
+    res["device"] = torch.cuda.get_device_name(0) if ids.is_cuda else "cpu"
+    res["baseline"] = profile_steps(model, ids, False, a.steps, a.top)
+    print(f"baseline: {res['baseline']['wall_ms_per_step']:.2f} ms/step", flush=True)
+    recipe = parse_recipe(
+        {"model": s.arch, "steps": [{"type": "decompose", "method": "wsvd", "ratio": s.ratio}]},
+        origin="profile_decode_step",
+    )
+    compress(model, recipe, calibration=calibration_samples(model, s.calib_samples, s.calib_tokens, s.seed))
+    enable_latent_decode(model)
+    res["latent"] = profile_steps(model, ids, True, a.steps, a.top)
+    print(f"latent: {res['latent']['wall_ms_per_step']:.2f} ms/step", flush=True)
+    for side in ("baseline", "latent"):
+        r = res[side]
+        print(
+            f"{side}: wall {r['wall_ms_per_step']:.2f} ms/step, host issue {r['host_issue_ms_one_step']:.2f} ms, "
+            f"device (profiled) {r['device_ms_per_step_profiled']:.2f} ms"
+        )
+        for row in r["by_host_self"][:15]:
+            print(
+                f"   host {row['host_self_us'] / a.steps:9.1f} us/step  {row['calls'] // a.steps:5d}x  {row['name'][:70]}"
+            )
+        for row in r["by_device_self"][:10]:
+            print(
+                f"   dev  {row['device_self_us'] / a.steps:9.1f} us/step  {row['calls'] // a.steps:5d}x  {row['name'][:70]}"
+            )
+    a.output.parent.mkdir(parents=True, exist_ok=True)
+    a.output.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
