@@ -92,3 +92,32 @@ def test_shrunk_config():
         LowRankError, match=r"hidden_scale 16 does not divide qwen2-vl-7b's .*; valid: 1, 2, 4$"
     ):
         shrunk_config("qwen2-vl-7b", hidden_scale=16)
+
+
+def test_profile_decode_step_script_on_a_tiny_model(tmp_path):
+    """benchmarks/profile_decode_step.py runs both sides on the CPU and writes their operator tables."""
+    script = load_benchmark_script("profile_decode_step")
+    out = tmp_path / "profile.json"
+    script.main(
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--steps",
+            "1",
+            "--top",
+            "5",
+            "--output",
+            str(out),
+        ]
+    )
+    res = json.loads(out.read_text())
+    for side in ("baseline", "latent"):
+        r = res[side]
+        assert r["wall_ms_per_step"] > 0 and r["host_issue_ms_one_step"] > 0
+        assert len(r["by_host_self"]) == 5 and all(row["calls"] > 0 for row in r["by_host_self"])
+        names = {row["name"] for row in r["by_host_self"]}
+        assert any(n.startswith("aten::") for n in names)
+    assert res["settings"] == {"arch": "llava-next-7b", "batch": 2, "context": 256, "dtype": "float32"}
