@@ -21,11 +21,7 @@ import sys
 from pathlib import Path
 
 from lowrank_kit.errors import LowRankError
-from lowrank_kit.runtime.bench import DTYPES, E2ESettings, run_e2e, summary_line
-
-TINY = dict(
-    layers=2, hidden_scale=16, batch=2, context=256, steps=4, warmup=1, calib_samples=2, calib_tokens=64
-)
+from lowrank_kit.runtime.bench import DTYPES, TINY_RUN, E2ESettings, run_e2e, summary_line
 
 
 def parse(argv: list[str] | None) -> tuple[E2ESettings, Path | None]:
@@ -57,7 +53,7 @@ def parse(argv: list[str] | None) -> tuple[E2ESettings, Path | None]:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--output", type=Path, default=None, help="write the results JSON here")
     a = p.parse_args(argv)
-    values = dict(TINY) if a.tiny else {}
+    values = dict(TINY_RUN) if a.tiny else {}
     for name in (
         "batch",
         "context",

@@ -21,19 +21,20 @@ import torch
 
 from lowrank_kit.runtime.bench import (
     DTYPES,
+    TINY_RUN,
     E2ESettings,
     _cache_kwarg,
     _new_cache,
     _sync,
     build,
-    calibration_samples,
+    compress_for_run,
+    greedy_step,
     prompt_ids,
 )
 
-TINY = dict(layers=2, hidden_scale=16, batch=2, context=256)
 
-
-def _table(prof, device_type: str, top: int) -> list[dict]:
+def _rows(prof) -> list[dict]:
+    """One row per operator or kernel of the profile: calls, host and device time (µs, all steps)."""
     rows = []
     for e in prof.key_averages():
         dev = getattr(e, "device_time_total", None)
@@ -51,10 +52,7 @@ def _table(prof, device_type: str, top: int) -> list[dict]:
                 "device_total_us": dev,
             }
         )
-    key = "device_self_us" if device_type == "cuda" else "host_self_us"
-    by_device = sorted(rows, key=lambda r: -r[key])[:top]
-    by_host = sorted(rows, key=lambda r: -r["host_self_us"])[:top]
-    return {"by_device_self": by_device, "by_host_self": by_host}
+    return rows
 
 
 @torch.no_grad()
@@ -67,36 +65,37 @@ def profile_steps(model, ids: torch.Tensor, latent: bool, steps: int, top: int) 
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(2):  # warm-up steps (compilation, allocator)
-        tok = model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+        tok = greedy_step(model, tok, kw, cache)
     _sync(device)
     # Unprofiled timing of the same number of steps first, then the profiled ones.
     t0 = time.perf_counter()
     for _ in range(steps):
-        tok = model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+        tok = greedy_step(model, tok, kw, cache)
     _sync(device)
     wall_ms = 1e3 * (time.perf_counter() - t0) / steps
     # Host time to issue one step: time until the last launch returns, without waiting for the device.
     _sync(device)
     t0 = time.perf_counter()
-    tok = model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+    tok = greedy_step(model, tok, kw, cache)
     issue_ms = 1e3 * (time.perf_counter() - t0)
     _sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
-            tok = model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+            tok = greedy_step(model, tok, kw, cache)
         _sync(device)
-    tables = _table(prof, device.type, top)
-    rows = _table(prof, device.type, 10**9)
+    rows = _rows(prof)
+    key = "device_self_us" if device.type == "cuda" else "host_self_us"
     # Kernels only: an aten operator's row repeats the device time of the kernels it launched.
-    kernels = [r for r in rows["by_device_self"] if not r["name"].startswith("aten::")]
-    launches = sum(r["calls"] for r in rows["by_host_self"] if "LaunchKernel" in r["name"])
+    kernels = [r for r in rows if not r["name"].startswith("aten::")]
+    launches = sum(r["calls"] for r in rows if "LaunchKernel" in r["name"])
     return {
         "wall_ms_per_step": wall_ms,
         "host_issue_ms_one_step": issue_ms,
         "device_kernel_ms_per_step_profiled": sum(r["device_self_us"] for r in kernels) / 1e3 / steps,
         "kernel_launches_per_step": launches / steps,
-        **tables,
+        "by_device_self": sorted(rows, key=lambda r: -r[key])[:top],
+        "by_host_self": sorted(rows, key=lambda r: -r["host_self_us"])[:top],
     }
 
 
@@ -113,21 +112,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--output", type=Path, required=True)
     a = p.parse_args(argv)
-    values = dict(TINY) if a.tiny else {}
+    # The tiny run's model and calibration; steps are this script's own.
+    values = {k: v for k, v in TINY_RUN.items() if k not in ("steps", "warmup")} if a.tiny else {}
     for k in ("batch", "context"):
         if getattr(a, k) is not None:
             values[k] = getattr(a, k)
-    s = E2ESettings(
-        **{**{k: v for k, v in values.items() if k in E2ESettings.__dataclass_fields__}},
-        arch=a.arch,
-        device=a.device,
-        dtype=a.dtype,
-        calib_samples=2 if a.tiny else d.calib_samples,
-        calib_tokens=64 if a.tiny else d.calib_tokens,
-    )
+    s = E2ESettings(arch=a.arch, device=a.device, dtype=a.dtype, **values)
     s.validate()
-    from lowrank_kit.pipeline import compress
-    from lowrank_kit.recipe import parse_recipe
     from lowrank_kit.runtime import enable_latent_decode
 
     model = build(s)
@@ -136,11 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     res["device"] = torch.cuda.get_device_name(0) if ids.is_cuda else "cpu"
     res["baseline"] = profile_steps(model, ids, False, a.steps, a.top)
     print(f"baseline: {res['baseline']['wall_ms_per_step']:.2f} ms/step", flush=True)
-    recipe = parse_recipe(
-        {"model": s.arch, "steps": [{"type": "decompose", "method": "wsvd", "ratio": s.ratio}]},
-        origin="profile_decode_step",
-    )
-    compress(model, recipe, calibration=calibration_samples(model, s.calib_samples, s.calib_tokens, s.seed))
+    compress_for_run(model, s)
     enable_latent_decode(model)
     res["latent"] = profile_steps(model, ids, True, a.steps, a.top)
     print(f"latent: {res['latent']['wall_ms_per_step']:.2f} ms/step", flush=True)

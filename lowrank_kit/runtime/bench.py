@@ -45,6 +45,11 @@ CHECK_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}
 CHECK_SHAPE = (2, 1024)
 TARGET_SPEEDUP = 1.4
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# A smoke run: 2 layers, widths and heads / 16 (head_dim kept), batch 2, 256 tokens, 4 steps, 2
+# calibration samples of 64 tokens (benchmarks/decode_e2e.py --tiny, profile_decode_step.py --tiny).
+TINY_RUN = dict(
+    layers=2, hidden_scale=16, batch=2, context=256, steps=4, warmup=1, calib_samples=2, calib_tokens=64
+)
 
 
 @dataclass
@@ -188,6 +193,12 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def greedy_step(model, tok: torch.Tensor, kw: str, cache) -> torch.Tensor:
+    """One decode step: a forward of one token per row with ``cache`` (passed as ``kw``), then the argmax
+    that picks the next token ([B, 1])."""
+    return model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -239,11 +250,11 @@ def measure(model, ids: torch.Tensor, steps: int, warmup: int, latent: bool) -> 
     _sync(device)
     prefill_s = time.perf_counter() - t0
     for _ in range(warmup):
-        tok = model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+        tok = greedy_step(model, tok, kw, cache)
     _sync(device)
     t1 = time.perf_counter()
     for _ in range(steps):
-        tok = model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
+        tok = greedy_step(model, tok, kw, cache)
     _sync(device)
     decode_s = time.perf_counter() - t1
     batch, context = ids.shape
@@ -336,6 +347,23 @@ def _environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
+def compress_for_run(model, settings: E2ESettings, reporter=None):
+    """Compress ``model`` in place as a run does: ``settings.method`` at ρ1 = ``settings.ratio`` on
+    q/k/v (its rank allocation, wsvd's fine-tuning as set), calibrated on random-token samples."""
+    from lowrank_kit.pipeline import compress
+    from lowrank_kit.progress import NULL_REPORTER
+    from lowrank_kit.recipe import parse_recipe
+
+    step: dict[str, Any] = {"type": "decompose", "method": settings.method, "ratio": settings.ratio}
+    if settings.allocation:
+        step["rank_allocation"] = settings.allocation
+    if settings.method == "wsvd":
+        step["params"] = {"finetune": settings.finetune}
+    recipe = parse_recipe({"model": settings.arch, "steps": [step]}, origin="decode_e2e")
+    samples = calibration_samples(model, settings.calib_samples, settings.calib_tokens, settings.seed)
+    return compress(model, recipe, calibration=samples, reporter=reporter or NULL_REPORTER)
+
+
 def run_e2e(
     settings: E2ESettings,
     shapes: list[tuple[int, int]] | None = None,
@@ -348,9 +376,6 @@ def run_e2e(
     speedup (None where the check failed).
     """
     from lowrank_kit.models.loading import adapter_for_config
-    from lowrank_kit.pipeline import compress
-    from lowrank_kit.progress import NULL_REPORTER
-    from lowrank_kit.recipe import parse_recipe
     from lowrank_kit.runtime import enable_latent_decode
 
     settings.validate()
@@ -393,20 +418,13 @@ def run_e2e(
             else (f"  baseline {base['decode_tokens_per_s']:.1f} tok/s ({base['ms_per_step']:.2f} ms/step)")
         )
 
-    step: dict[str, Any] = {"type": "decompose", "method": settings.method, "ratio": settings.ratio}
-    if settings.allocation:
-        step["rank_allocation"] = settings.allocation
-    if settings.method == "wsvd":
-        step["params"] = {"finetune": settings.finetune}
-    recipe = parse_recipe({"model": settings.arch, "steps": [step]}, origin="decode_e2e")
     say(f"compressing: {settings.method} at ρ1 = {settings.ratio}")
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     _sync(device)
     t0 = time.perf_counter()
-    samples = calibration_samples(model, settings.calib_samples, settings.calib_tokens, settings.seed)
-    result = compress(model, recipe, calibration=samples, reporter=reporter or NULL_REPORTER)
+    result = compress_for_run(model, settings, reporter)
     _sync(device)
     report = result.report
     res["compression"] = {
@@ -420,7 +438,7 @@ def run_e2e(
         "ranks": _rank_stats(report),
         "calibration": f"{settings.calib_samples} random-token samples of {settings.calib_tokens} tokens",
     }
-    del samples, result
+    del result
     say(f"  ρ1 {report['rho1']:.4f}, ρ2 {report['rho2']:.4f}")
 
     check: dict[str, Any] = {"ran": settings.check}

@@ -206,12 +206,24 @@ def time_sdpa(model: str | dict[str, Any], batch: int, length: int) -> dict[str,
     return out
 
 
-def check_variant(model: str | dict[str, Any], ranks, *, int8: bool, layout: str) -> tuple[bool, float]:
-    """Kernel vs naive twin on 1000 tokens, ragged rows and left padding, NaN-poisoned buffers."""
+def _error_vs_naive(p, config=None) -> float:
+    """Relative error of the kernel against its naive twin on problem ``p``; the output buffer and the
+    split partials start as NaN, so an entry nobody wrote fails the comparison."""
     from lowrank_kit.kernels.latent_attention import naive
     from lowrank_kit.kernels.latent_attention import triton as triton_impl
     from lowrank_kit.kernels.latent_attention.testing import relative_error
 
+    out = torch.full(
+        (p.q.shape[0], p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=torch.float16
+    )
+    triton_impl.latent_attention_decode(
+        p.q, p.kv, p.w, p.starts, p.ends, config=config, out=out, poison_workspace=True
+    )
+    return relative_error(out, naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends))
+
+
+def check_variant(model: str | dict[str, Any], ranks, *, int8: bool, layout: str) -> tuple[bool, float]:
+    """Kernel vs naive twin on 1000 tokens, ragged rows and left padding, NaN-poisoned buffers."""
     worst = 0.0
     # Positions as in generation (slot minus left padding) and random up to 30000 (large angles).
     for seed, positions in ((0, "sequential"), (1, "random")):
@@ -227,10 +239,7 @@ def check_variant(model: str | dict[str, Any], ranks, *, int8: bool, layout: str
             left_pad=[0, 301, 999],
             positions=positions,
         )
-        out = torch.full((3, p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=torch.float16)
-        triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, out=out, poison_workspace=True)
-        ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
-        worst = max(worst, relative_error(out, ref))
+        worst = max(worst, _error_vs_naive(p))
     return worst < CHECK_TOL["int8" if int8 else "fp16"], worst
 
 
@@ -266,10 +275,6 @@ SWEEP_CLASSES = (
 def _config_ok(model: str, ranks, int8: bool, cfg) -> tuple[bool, float]:
     """One launch configuration (its split length 0: chosen for this problem) against the naive twin
     (2 rows, 1000 and 517 tokens, left padding; positions as in generation, then random)."""
-    from lowrank_kit.kernels.latent_attention import naive
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-    from lowrank_kit.kernels.latent_attention.testing import relative_error
-
     err = 0.0
     for positions in ("sequential", "random"):
         p = problem(
@@ -283,11 +288,7 @@ def _config_ok(model: str, ranks, int8: bool, cfg) -> tuple[bool, float]:
             left_pad=[0, 301],
             positions=positions,
         )
-        out = torch.full((2, p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=torch.float16)
-        triton_impl.latent_attention_decode(
-            p.q, p.kv, p.w, p.starts, p.ends, config=cfg, out=out, poison_workspace=True
-        )
-        err = max(err, relative_error(out, naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)))
+        err = max(err, _error_vs_naive(p, cfg))
     return err < CHECK_TOL["int8" if int8 else "fp16"], err
 
 
