@@ -1,6 +1,10 @@
 """End-to-end decode tokens/s: the uncompressed model on transformers (SDPA, DynamicCache) against wsvd
 at ρ1 = 0.5 decoding from latents, with random weights on one GPU.
 
+The latent side is timed twice: with eager decode steps and with the steps replayed from a CUDA graph
+(the speedup's row; ``--no-graph`` leaves it out); the uncompressed model is also timed with
+transformers' StaticCache replayed from a CUDA graph, as a reference (``--no-static-baseline``).
+
 The measurement lives in :mod:`lowrank_kit.runtime.bench` (also behind ``lowrank bench speed``); see its
 docstring for what is timed and how. The issue's target shape is the default (LLaVA-NeXT-7B, fp16,
 batch 8, 8192-token context)::
@@ -50,6 +54,14 @@ def parse(argv: list[str] | None) -> tuple[E2ESettings, Path | None]:
     p.add_argument("--calib-samples", type=int, default=None, help=f"(default {d.calib_samples})")
     p.add_argument("--calib-tokens", type=int, default=None, help=f"(default {d.calib_tokens})")
     p.add_argument("--no-check", action="store_true", help="skip the latent-vs-rebuilt-K/V logit check")
+    p.add_argument(
+        "--no-graph", action="store_true", help="latent decode steps eager only (no CUDA graph replay)"
+    )
+    p.add_argument(
+        "--no-static-baseline",
+        action="store_true",
+        help="skip the reference row of transformers' StaticCache replayed from a CUDA graph",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--output", type=Path, default=None, help="write the results JSON here")
     a = p.parse_args(argv)
@@ -75,6 +87,8 @@ def parse(argv: list[str] | None) -> tuple[E2ESettings, Path | None]:
         allocation=a.allocation,
         finetune=a.finetune,
         check=not a.no_check,
+        graph=not a.no_graph,
+        static_baseline=not a.no_static_baseline,
         seed=a.seed,
         **values,
     )

@@ -10,7 +10,9 @@
 
 :func:`enable_latent_decode` patches each decoder layer's attention (see
 :mod:`lowrank_kit.runtime.attention`); :class:`LatentCache` / :class:`LatentLayer` are the transformers
-cache types that hold the latents (:mod:`lowrank_kit.runtime.cache`). Importing this package imports
+cache types that hold the latents (:mod:`lowrank_kit.runtime.cache`); :class:`LatentDecodeGraph` replays decode steps from a CUDA graph
+(:mod:`lowrank_kit.runtime.graph`; ``enable_latent_decode(model, cuda_graph=True)`` does it inside
+``generate``). Importing this package imports
 transformers; ``import lowrank_kit`` does not.
 """
 
@@ -19,10 +21,12 @@ from __future__ import annotations
 from lowrank_kit.runtime.attention import disable_latent_decode, enable_latent_decode, latent_decode_enabled
 from lowrank_kit.runtime.cache import LatentCache, LatentLayer
 from lowrank_kit.runtime.errors import LatentDecodeError
+from lowrank_kit.runtime.graph import LatentDecodeGraph
 
 __all__ = [
     "LatentCache",
     "LatentDecodeError",
+    "LatentDecodeGraph",
     "LatentLayer",
     "disable_latent_decode",
     "enable_latent_decode",

@@ -231,9 +231,28 @@ class LatentAttention:
     def _append(
         self, cache: LatentLayer, mat: Materialized, x: torch.Tensor, positions: torch.Tensor
     ) -> None:
+        """Store this step's latents, positions (and key norms) at the end of the cache. With a device
+        cursor on ``cache`` (graph mode, one token) they go to the cursor's slot and the host-side
+        length is left for the cursor's owner to advance."""
         f = self.factors
-        s0, s1 = cache.reserve(x.shape[1])
-        w = mat.weights
+        cursor = cache.cursor
+        if cursor is None:
+            s0, s1 = cache.reserve(x.shape[1])
+            slot = None
+        else:
+            slot = cursor.slot  # [1] int64 on the device
+
+        def put(dst: torch.Tensor, val: torch.Tensor, cols: torch.Tensor | None = None) -> None:
+            val = val.to(dst.dtype)
+            if slot is None:
+                if cols is None:
+                    dst[:, s0:s1] = val
+                else:
+                    dst[:, s0:s1, cols] = val
+            elif cols is None:
+                dst.index_copy_(1, slot, val)
+            else:
+                dst[:, slot[:, None], cols] = val
 
         def store(lat: torch.Tensor, pre, pack: torch.Tensor | None, quant, dst: torch.Tensor, scale_dst):
             if pre is not None:
@@ -241,10 +260,7 @@ class LatentAttention:
             if quant is None:
                 # The cache is allocated zeroed and padding columns are never written, so the latent goes
                 # straight into its columns (one launch instead of zeros, scatter and copy).
-                if pack is not None:
-                    dst[:, s0:s1, pack] = lat.to(dst.dtype)
-                else:
-                    dst[:, s0:s1] = lat
+                put(dst, lat, pack)
                 return
             if pack is not None:
                 packed = lat.new_zeros(*lat.shape[:-1], dst.shape[-1])
@@ -252,25 +268,31 @@ class LatentAttention:
             else:
                 packed = lat
             q, s = quantize_latents(packed, quant, f.bits)
-            dst[:, s0:s1] = q
-            scale_dst[:, s0:s1] = s
+            put(dst, q)
+            put(scale_dst, s)
 
         k_lat = self.projections["k_proj"].latent(x)
         store(k_lat, f.k.pre_quant, mat.k_pack, mat.k_quant, cache.k, cache.k_scale)
         if not f.joint:
             v_lat = self.projections["v_proj"].latent(x)
             store(v_lat, f.v.pre_quant, mat.v_pack, mat.v_quant, cache.v, cache.v_scale)
-        cache.positions[:, s0:s1] = positions
+        put(cache.positions, positions)
         if f.qk_norm is not None:
             # 1/rms of the key as the kernel rebuilds it: from the stored (possibly int8) latent.
-            scale = None if cache.k_scale is None else cache.k_scale[:, s0:s1]
-            lat = head_latents(cache.k[:, s0:s1], w.k_layout, scale)  # [B, n, H_kv, W]
+            if slot is None:
+                rows = cache.k[:, s0:s1]
+                scale = None if cache.k_scale is None else cache.k_scale[:, s0:s1]
+            else:
+                rows = cache.k.index_select(1, slot)
+                scale = None if cache.k_scale is None else cache.k_scale.index_select(1, slot)
+            lat = head_latents(rows, mat.weights.k_layout, scale, tables=mat.k_heads)  # [B, n, H_kv, W]
             k = torch.einsum("bnhr,hrd->bnhd", lat, mat.k_up_raw[:, : lat.shape[-1]])
             if mat.k_bias_raw is not None:
                 k = k + mat.k_bias_raw
             ms = k.pow(2).mean(-1) if f.qk_norm == "per_head" else k.pow(2).mean((-2, -1))[..., None]
-            cache.k_norm[:, s0:s1] = torch.rsqrt(ms + f.norm_eps)
-        cache.commit(s1)
+            put(cache.k_norm, torch.rsqrt(ms + f.norm_eps))
+        if slot is None:
+            cache.commit(s1)
 
     def _values(self, cache: LatentLayer, mat: Materialized, length: int) -> torch.Tensor:
         kv = cache.latent_kv()
@@ -311,6 +333,12 @@ class LatentAttention:
                 f"layer {self.layer}: the cache holds {layer.batch} rows of {layer.format}; this step has {b} rows "
                 f"of {mat.format} (the model's dtype or batch changed mid-generation)"
             )
+        if layer.cursor is not None and (n != 1 or first):
+            raise LatentDecodeError(
+                f"layer {self.layer}: the cache is in graph mode (a device cursor steps one token at a time); "
+                f"this forward has {n} tokens per row{' on an empty cache' if first else ''}. Release the "
+                "decode graph (LatentDecodeGraph.close()) before prefilling or appending several tokens"
+            )
         positions = self.tap.token_positions(b, n, w.rope.num_positions)
         cos, sin = position_embeddings
         q = self._query(hidden_states, cos, sin)
@@ -338,14 +366,20 @@ class LatentAttention:
         f = self.factors
         key = (layer.capacity, q.dtype, q.device)
         check = key not in self._checked
+        if layer.cursor is None:
+            ends, max_len = layer.ends(), length
+        else:
+            # Graph mode: the rows' ends live on the device and the grid covers the whole capacity (the
+            # splits past a row's end are empty), so no host integer of the step changes.
+            ends, max_len = layer.cursor.ends, layer.capacity
         lat = latent_attention_decode(
             q.contiguous(),
             layer.latent_kv(),
             mat.weights,
             layer.starts,
-            layer.ends(),
+            ends,
             backend=self.backend,
-            max_len=length,
+            max_len=max_len,
             check=check,
         )
         self._checked.add(key)
@@ -367,6 +401,7 @@ class LatentDecodeState:
     layers: list[LatentAttention]
     handles: list[Any]
     tap: PositionTap
+    graph_forward: Any = None  # the model's forward while decode steps replay CUDA graphs
 
 
 def _refuse_sliding(text: Any, attn: nn.Module, layer: int) -> None:
@@ -386,13 +421,16 @@ def enable_latent_decode(
     adapter: ModelAdapter | None = None,
     backend: str = "auto",
     chunk: int = 256,
+    cuda_graph: bool = False,
 ) -> nn.Module:
     """Make ``model`` decode from latents: returns ``model``, its attention modules patched in place.
 
     Every decoder layer's K and V must be low-rank modules (``wsvd``'s per-head latents, ``svd``/``asvd``/
     ``svdllm``'s one latent per projection, ``qsvd``'s joint latent); a model whose K or V is dense is
     refused. ``backend``: "auto" (Triton on CUDA, the PyTorch twin on the CPU), "triton" or "naive".
-    ``chunk``: the cache grows by multiples of this many slots. Calling it again rebuilds the runtime
+    ``chunk``: the cache grows by multiples of this many slots. ``cuda_graph``: one-token decode steps on
+    a CUDA latent cache (those ``generate`` takes after the prefill) replay a captured CUDA graph
+    (:mod:`lowrank_kit.runtime.graph`); needs the Triton backend. Calling it again rebuilds the runtime
     from the current weights (do that after changing them); :func:`disable_latent_decode` undoes it.
     """
     from lowrank_kit.models.families import text_config
@@ -404,6 +442,11 @@ def enable_latent_decode(
         )
     if chunk < 1:
         raise LatentDecodeError(f"chunk must be at least 1 cache slot, got {chunk}")
+    if cuda_graph and backend == "naive":
+        raise LatentDecodeError(
+            "cuda_graph=True needs the Triton backend (the naive one reads the cache length on the host); "
+            "use backend='auto' or 'triton'"
+        )
     if getattr(model, STATE_ATTR, None) is not None:
         disable_latent_decode(model)
     adapter = adapter or adapter_for_config(model.config)
@@ -439,7 +482,12 @@ def enable_latent_decode(
     handles.append(lm.register_forward_hook(release, with_kwargs=True))
     for rt in runtimes:
         rt.module.forward = rt.forward
-    setattr(model, STATE_ATTR, LatentDecodeState(adapter, backend, runtimes, handles, tap))
+    state = LatentDecodeState(adapter, backend, runtimes, handles, tap)
+    if cuda_graph:
+        from lowrank_kit.runtime.graph import graph_forward
+
+        state.graph_forward = model.forward = graph_forward(model, model.forward)
+    setattr(model, STATE_ATTR, state)
     log.info(
         "latent decode enabled on %d layers (%s backend): K %s, V %s%s",
         len(runtimes),
@@ -461,6 +509,8 @@ def disable_latent_decode(model: nn.Module) -> nn.Module:
     for rt in state.layers:
         if rt.module.__dict__.get("forward") == rt.forward:
             del rt.module.forward
+    if state.graph_forward is not None and model.__dict__.get("forward") is state.graph_forward:
+        del model.forward
     delattr(model, STATE_ATTR)
     return model
 

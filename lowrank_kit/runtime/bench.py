@@ -9,11 +9,18 @@ With random weights built directly on the device (``build_random_model``; no hos
 2. **compression** in place: ``wsvd`` at ρ1 = ``ratio`` on q/k/v (importance ranks, so heads carry
    ragged ranks as in a real compressed model), calibrated on a few random-token samples, local
    fine-tuning off by default (it changes factor values, not the ranks or the layout decode reads);
-3. **check**: on a slice (2 rows, 1024 tokens) the compressed model's logits for a prefill and two decode
-   steps with the ordinary cache of rebuilt K/V and with the latent cache must agree; a failed check
-   reports no speedup;
+3. **check**: on a slice (2 rows, 1024 tokens) the compressed model's logits for a prefill and three
+   decode steps with the ordinary cache of rebuilt K/V, with the latent cache, and (``graph``) with the
+   latent cache stepped by a :class:`~lowrank_kit.runtime.graph.LatentDecodeGraph` (an eager step, the
+   captured one, a replay) must agree; a failed check reports no speedup;
 4. **latent**: :func:`~lowrank_kit.runtime.enable_latent_decode` and the same prefill and decode
-   (the Triton kernel on CUDA, its PyTorch twin on the CPU).
+   (the Triton kernel on CUDA, its PyTorch twin on the CPU), with eager steps (``latent_eager``) and,
+   when ``graph`` is on (the default), with the steps replayed from a CUDA graph (``latent``, the row
+   the speedup is computed from; on the CPU the graph-mode steps run eagerly).
+
+On CUDA the run also times a reference that is not the target's baseline (``static_baseline``):
+the uncompressed model with transformers' ``StaticCache`` and its decode step replayed from a CUDA
+graph, so the JSON shows how much of the speedup CUDA graphs alone would give the uncompressed model.
 
 A decode step is one forward of one token per row with the cache plus the argmax that picks the next
 token, as ``generate`` runs it without its bookkeeping. The timed steps are bracketed by device
@@ -43,6 +50,8 @@ from lowrank_kit.errors import LowRankError
 # fp16 on the CPU twin, and a wrong position, scale or bias moves logits by ~1 of the range.
 CHECK_TOL = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-4}
 CHECK_SHAPE = (2, 1024)
+# Decode steps of the check: with a graph, one eager step, the captured one and a replay.
+CHECK_STEPS = 3
 TARGET_SPEEDUP = 1.4
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # A smoke run: 2 layers, widths and heads / 16 (head_dim kept), batch 2, 256 tokens, 4 steps, 2
@@ -72,6 +81,8 @@ class E2ESettings:
     calib_samples: int = 8
     calib_tokens: int = 512
     check: bool = True
+    graph: bool = True
+    static_baseline: bool = True
     seed: int = 0
 
     def validate(self) -> None:
@@ -85,6 +96,10 @@ class E2ESettings:
                 raise LowRankError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise LowRankError(f"warmup must be 0 or more steps, got {self.warmup}")
+        if (self.graph or self.static_baseline) and self.device.startswith("cuda") and self.warmup < 2:
+            raise LowRankError(
+                f"CUDA-graph runs need warmup >= 2 (an eager step, then the capture), got {self.warmup}"
+            )
         if self.layers is not None and self.layers < 1:
             raise LowRankError(f"layers must be at least 1, got {self.layers}")
         if self.hidden_scale is not None and self.hidden_scale < 1:
@@ -233,12 +248,68 @@ def _new_cache(model, latent: bool, max_length: int):
     return LatentCache(max_length=max_length) if latent else DynamicCache(config=model.config)
 
 
+def _static_cache(model, batch: int, max_length: int):
+    from transformers.cache_utils import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_length)
+
+
+class _StaticGraph:
+    """transformers' own graph-friendly decode: a ``StaticCache`` (written at a device-side length) and a
+    one-token forward captured once and replayed, the reference for what CUDA graphs alone give."""
+
+    def __init__(self, model, cache, kw: str, batch: int, device: torch.device) -> None:
+        self.model, self.cache, self.kw = model, cache, kw
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+        self.eager = 0
+        self.device = device
+
+    def _body(self) -> torch.Tensor:
+        return self.model(input_ids=self.ids, use_cache=True, **{self.kw: self.cache}).logits[:, -1]
+
+    def step(self, tok: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(tok)
+        if self.eager < 1:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                logits = self._body()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self.eager += 1
+            return logits
+        if self.graph is None:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._body()
+        self.graph.replay()
+        return self.logits
+
+
 @torch.no_grad()
-def measure(model, ids: torch.Tensor, steps: int, warmup: int, latent: bool) -> dict[str, Any]:
-    """Prefill ``ids``, then ``warmup`` + ``steps`` greedy decode steps; seconds, tokens/s, memory."""
+def measure(
+    model, ids: torch.Tensor, steps: int, warmup: int, latent: bool, mode: str = "eager"
+) -> dict[str, Any]:
+    """Prefill ``ids``, then ``warmup`` + ``steps`` greedy decode steps; seconds, tokens/s, memory.
+
+    ``mode``: "eager" (one forward per step, as ``generate`` runs it), "graph" (latent: the steps replay a
+    :class:`~lowrank_kit.runtime.graph.LatentDecodeGraph`) or "static_graph" (baseline: transformers'
+    ``StaticCache`` and the step replayed from a CUDA graph); the first warm-up step of a graph mode runs
+    eagerly and the second captures.
+    """
+    from lowrank_kit.runtime.graph import LatentDecodeGraph
+
+    if mode not in ("eager", "graph", "static_graph"):
+        raise LowRankError(f"unknown decode mode {mode!r}; available: eager, graph, static_graph")
     device = ids.device
     kw = _cache_kwarg(model)
-    cache = _new_cache(model, latent, ids.shape[1] + warmup + steps)
+    max_length = ids.shape[1] + warmup + steps
+    cache = (
+        _static_cache(model, ids.shape[0], max_length)
+        if mode == "static_graph"
+        else _new_cache(model, latent, max_length)
+    )
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -249,17 +320,32 @@ def measure(model, ids: torch.Tensor, steps: int, warmup: int, latent: bool) -> 
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     prefill_s = time.perf_counter() - t0
+    if mode == "graph":
+        runner = LatentDecodeGraph(model, cache, use_graph=device.type == "cuda")
+        step = runner.step
+    elif mode == "static_graph":
+        if device.type != "cuda":
+            raise LowRankError("the static-cache CUDA graph baseline needs a CUDA device")
+        runner = _StaticGraph(model, cache, kw, ids.shape[0], device)
+        step = runner.step
+    else:
+        runner = None
+
+        def step(t, cache=cache):
+            return model(input_ids=t, use_cache=True, **{kw: cache}).logits[:, -1]
+
     for _ in range(warmup):
-        tok = greedy_step(model, tok, kw, cache)
+        tok = step(tok).argmax(-1, keepdim=True)
     _sync(device)
     t1 = time.perf_counter()
     for _ in range(steps):
-        tok = greedy_step(model, tok, kw, cache)
+        tok = step(tok).argmax(-1, keepdim=True)
     _sync(device)
     decode_s = time.perf_counter() - t1
     batch, context = ids.shape
     used, allocated = _cache_bytes(cache)
     res = {
+        "mode": mode,
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": batch * context / prefill_s,
         "decode_s": decode_s,
@@ -271,34 +357,59 @@ def measure(model, ids: torch.Tensor, steps: int, warmup: int, latent: bool) -> 
         "cached_tokens_at_end": int(cache.get_seq_length()),
         "last_tokens_finite": bool(torch.isfinite(out.logits).all()),
     }
+    if mode == "graph":
+        res["graph"] = {"captures": runner.captures, "steps": runner.steps, "cuda_graph": runner.use_graph}
     if device.type == "cuda":
         res["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
-    del cache, out
+    if isinstance(runner, LatentDecodeGraph):
+        runner.close()
+    del cache, out, runner
     return res
 
 
 @torch.no_grad()
-def _logits(model, ids: torch.Tensor, latent: bool, steps: int = 2) -> list[torch.Tensor]:
+def _logits(
+    model, ids: torch.Tensor, latent: bool, steps: int = CHECK_STEPS, graph: bool = False
+) -> list[torch.Tensor]:
+    """Logits of the prefill's last position and of ``steps`` greedy decode steps; ``graph``: the steps go
+    through a :class:`~lowrank_kit.runtime.graph.LatentDecodeGraph` (on CUDA: one eager step, then the
+    captured one, then replays)."""
+    from lowrank_kit.runtime.graph import LatentDecodeGraph
+
     kw = _cache_kwarg(model)
     cache = _new_cache(model, latent, ids.shape[1] + steps)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
     logits = [out.logits[:, -1].float()]
+    runner = LatentDecodeGraph(model, cache) if graph else None
     for _ in range(steps):
         tok = logits[-1].argmax(-1, keepdim=True)
-        logits.append(model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].float())
+        if runner is not None:
+            logits.append(runner.step(tok).float().clone())  # the graph's buffer is overwritten next step
+        else:
+            logits.append(model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].float())
+    if runner is not None:
+        runner.close()
     if latent and type(cache.layers[0]).__name__ != "LatentLayer":
         raise LowRankError("the latent check ran without a latent cache; enable_latent_decode did not take")
     return logits
 
 
-def _measure_or_oom(model, ids, steps: int, warmup: int, latent: bool) -> dict[str, Any]:
-    """:func:`measure`, or the reason it could not run at this shape (out of device memory)."""
+def _measure_or_oom(model, ids, steps: int, warmup: int, latent: bool, mode: str = "eager") -> dict[str, Any]:
+    """:func:`measure`, or the reason it could not run at this shape (out of device memory; for the
+    static-cache reference, any failure of transformers' own cache or its capture, recorded)."""
     try:
-        return measure(model, ids, steps, warmup, latent)
+        return measure(model, ids, steps, warmup, latent, mode)
     except torch.OutOfMemoryError as err:
         gc.collect()
         torch.cuda.empty_cache()
-        return {"error": f"out of GPU memory: {str(err).splitlines()[0][:200]}"}
+        return {"mode": mode, "error": f"out of GPU memory: {str(err).splitlines()[0][:200]}"}
+    except Exception as err:  # only the reference row may fail (and is reported)
+        if mode != "static_graph":
+            raise
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return {"mode": mode, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
 
 
 def _agreement(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
@@ -410,13 +521,15 @@ def run_e2e(
     for row in rows:
         ids = prompt_ids(model, row["batch"], row["context"], settings.seed)
         say(f"baseline B={row['batch']} context={row['context']}: prefill + {settings.steps} decode steps")
-        row["baseline"] = base = _measure_or_oom(model, ids, settings.steps, settings.warmup, latent=False)
+        row["baseline"] = _measure_or_oom(model, ids, settings.steps, settings.warmup, latent=False)
+        say(f"  baseline {_rate(row['baseline'])}")
+        if settings.static_baseline and device.type == "cuda":
+            say("  reference: transformers' StaticCache, decode steps replayed from a CUDA graph")
+            row["baseline_static_graph"] = _measure_or_oom(
+                model, ids, settings.steps, settings.warmup, latent=False, mode="static_graph"
+            )
+            say(f"  baseline (static cache, CUDA graph) {_rate(row['baseline_static_graph'])}")
         del ids
-        say(
-            f"  baseline {base['error']}"
-            if "error" in base
-            else (f"  baseline {base['decode_tokens_per_s']:.1f} tok/s ({base['ms_per_step']:.2f} ms/step)")
-        )
 
     say(f"compressing: {settings.method} at ρ1 = {settings.ratio}")
     gc.collect()
@@ -460,28 +573,40 @@ def run_e2e(
             tolerance=tol,
             ok=bool(err < tol) and math.isfinite(err),
         )
-        del ids, ref, got
         say(f"check: latent vs rebuilt-K/V logits differ by {err:.2e} of the range (tolerance {tol:.0e})")
+        if settings.graph:
+            # The graph's steps (eager, captured, replayed) against the same reference.
+            got = _logits(model, ids, latent=True, graph=True)
+            gerr = _agreement(ref, got)
+            check.update(
+                graph_max_rel_logit_diff=gerr, ok=check["ok"] and bool(gerr < tol) and math.isfinite(gerr)
+            )
+            say(f"check: latent decode graph vs rebuilt-K/V logits differ by {gerr:.2e} of the range")
+        del ids, ref, got
     res["check"] = check
     res["latent_backend"] = backend
 
     for row in rows:
         ids = prompt_ids(model, row["batch"], row["context"], settings.seed)
         say(f"latent B={row['batch']} context={row['context']}: prefill + {settings.steps} decode steps")
-        row["latent"] = lat = _measure_or_oom(model, ids, settings.steps, settings.warmup, latent=True)
-        del ids
-        base = row["baseline"]
-        both = "error" not in base and "error" not in lat
-        ok = check.get("ok", False) and both
-        row["speedup"] = lat["decode_tokens_per_s"] / base["decode_tokens_per_s"] if ok else None
-        row["cache_bytes_ratio"] = lat["cache_bytes"] / base["cache_bytes"] if both else None
-        if "error" in lat:
-            say(f"  latent {lat['error']}")
-        else:
-            say(
-                f"  latent {lat['decode_tokens_per_s']:.1f} tok/s ({lat['ms_per_step']:.2f} ms/step), speedup "
-                + ("n/a" if row["speedup"] is None else f"{row['speedup']:.2f}x")
+        row["latent_eager"] = _measure_or_oom(model, ids, settings.steps, settings.warmup, latent=True)
+        say(f"  latent, eager steps {_rate(row['latent_eager'])}")
+        if settings.graph:
+            row["latent"] = _measure_or_oom(
+                model, ids, settings.steps, settings.warmup, latent=True, mode="graph"
             )
+            say(f"  latent, steps replayed from a CUDA graph {_rate(row['latent'])}")
+        else:
+            row["latent"] = row["latent_eager"]
+        del ids
+        base, lat = row["baseline"], row["latent"]
+        row["speedup"] = _ratio(lat, base, check)
+        row["speedup_eager"] = _ratio(row["latent_eager"], base, check)
+        if "baseline_static_graph" in row:
+            row["speedup_vs_static_graph"] = _ratio(lat, row["baseline_static_graph"], check)
+        both = "error" not in base and "error" not in lat
+        row["cache_bytes_ratio"] = lat["cache_bytes"] / base["cache_bytes"] if both else None
+        say("  speedup " + ("n/a" if row["speedup"] is None else f"{row['speedup']:.2f}x"))
     res["rows"] = rows
     res["target_speedup"] = TARGET_SPEEDUP
     res["notes"] = [
@@ -490,9 +615,26 @@ def run_e2e(
         "decode step: one forward of one token per row with the cache plus the argmax; no generate() "
         "bookkeeping on either side",
         "peak_gpu_memory_bytes: torch.cuda.max_memory_allocated over prefill and decode, weights included",
+        "latent: decode steps replayed from a LatentDecodeGraph (CUDA graph) when settings.graph, else eager; "
+        "latent_eager: the same steps issued from Python, one forward per step",
+        "baseline_static_graph (reference, not the target's baseline): transformers' StaticCache with each "
+        "decode step replayed from a CUDA graph, i.e. what graph capture alone gives the uncompressed model",
     ]
     res["elapsed_s"] = time.perf_counter() - t_start
     return res
+
+
+def _rate(side: dict[str, Any]) -> str:
+    if "error" in side:
+        return side["error"]
+    return f"{side['decode_tokens_per_s']:.1f} tok/s ({side['ms_per_step']:.2f} ms/step)"
+
+
+def _ratio(fast: dict[str, Any], slow: dict[str, Any], check: dict[str, Any]) -> float | None:
+    """Decode tokens/s of ``fast`` over ``slow``; None where either failed or the latent check did."""
+    if "error" in fast or "error" in slow or not check.get("ok", False):
+        return None
+    return fast["decode_tokens_per_s"] / slow["decode_tokens_per_s"]
 
 
 def summary_line(res: dict[str, Any]) -> str:

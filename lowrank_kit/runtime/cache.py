@@ -18,9 +18,17 @@ Capacity grows in chunks (a geometric step rounded up to ``chunk`` slots), so ap
 copy into preallocated memory, not a reallocation. ``max_length`` (prompt plus new tokens, when known)
 sizes the first allocation, so the cache is allocated once instead of growing by half its size (a
 copy of the whole cache, and for a moment both copies in memory) when decoding passes the prompt.
+
+A :class:`DeviceCursor` makes decode steps replayable as a CUDA graph (:mod:`lowrank_kit.runtime.graph`):
+while a layer holds one, a one-token step writes its latents at the slot the cursor's device tensor
+names and the kernel reads the rows' ends from the device, with its grid sized by the capacity; no
+host integer of the step changes, so a captured step stays valid when replayed. The host-side
+``length`` is then advanced by whoever steps the cursor (:meth:`LatentCache.advance`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -35,6 +43,30 @@ _TENSORS = ("k", "v", "k_scale", "v_scale", "positions", "k_norm")
 
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+@dataclass
+class DeviceCursor:
+    """Where the next token goes, on the device: shared by every layer of a cache in graph mode.
+
+    ``slot``: [1] int64, the cache slot of the next token (the cached length); ``ends``: [B] int32,
+    ``slot + 1`` for every row, the end each row attends to once this step's token is appended.
+    :meth:`step` advances both on the device (inside a captured graph, it is part of the replay).
+    """
+
+    slot: torch.Tensor
+    ends: torch.Tensor
+
+    @classmethod
+    def at(cls, length: int, batch: int, device: torch.device) -> DeviceCursor:
+        return cls(
+            torch.full((1,), length, dtype=torch.int64, device=device),
+            torch.full((batch,), length + 1, dtype=torch.int32, device=device),
+        )
+
+    def step(self) -> None:
+        self.slot.add_(1)
+        self.ends.add_(1)
 
 
 class LatentLayer(CacheLayerMixin):
@@ -68,6 +100,10 @@ class LatentLayer(CacheLayerMixin):
         self.capacity = 0
         self.batch = 0
         self._ends: tuple[int, torch.Tensor] | None = None
+        self.cursor: DeviceCursor | None = None
+        # Bumped whenever the tensors are replaced or the length moves other than by appending, so that
+        # a captured decode graph (which holds the old addresses and slot) knows it is stale.
+        self.version = 0
 
     def __repr__(self) -> str:
         return f"LatentLayer(length={self.length}, capacity={self.capacity}, format={self.format})"
@@ -96,9 +132,10 @@ class LatentLayer(CacheLayerMixin):
     def reset(self) -> None:
         for name in _TENSORS:
             setattr(self, name, None)
-        self.format, self.starts, self._ends = None, None, None
+        self.format, self.starts, self._ends, self.cursor = None, None, None, None
         self.length = self.capacity = self.batch = 0
         self.is_initialized = False
+        self.version += 1
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (negative, transformers 5.24), or keep the first
@@ -107,6 +144,8 @@ class LatentLayer(CacheLayerMixin):
         keep = self.length + n if n <= 0 else min(n, self.length)
         self.length = max(0, keep)
         self._ends = None
+        self.cursor = None
+        self.version += 1
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -138,6 +177,8 @@ class LatentLayer(CacheLayerMixin):
         if not keep_batch and self.k is not None:
             self.batch = self.k.shape[0]
         self._ends = None
+        self.cursor = None
+        self.version += 1
 
     # -- the latent side -------------------------------------------------------------------------------
     def initialize(self, fmt: LatentFormat, batch: int, device: torch.device) -> None:
@@ -168,6 +209,7 @@ class LatentLayer(CacheLayerMixin):
         if fmt.norm_heads:
             self.k_norm = new(fmt.norm_heads, torch.float32, self.k_norm)
         self.capacity = capacity
+        self.version += 1
 
     def reserve(self, n: int) -> tuple[int, int]:
         """Make room for ``n`` more tokens; returns the slot range ``[start, end)`` they go to."""
@@ -181,6 +223,15 @@ class LatentLayer(CacheLayerMixin):
 
     def commit(self, end: int) -> None:
         self.length = end
+        self._ends = None
+
+    def advance(self, n: int = 1) -> None:
+        """Count ``n`` tokens that graph-mode steps wrote at the cursor (the host does not see them)."""
+        if self.length + n > self.capacity:
+            raise LatentDecodeError(
+                f"the latent cache layer holds {self.capacity} slots; {self.length} + {n} tokens do not fit"
+            )
+        self.length += n
         self._ends = None
 
     def latent_kv(self) -> LatentKV:
@@ -229,3 +280,8 @@ class LatentCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers if isinstance(layer, LatentLayer))
+
+    def advance(self, n: int = 1) -> None:
+        """:meth:`LatentLayer.advance` on every layer (after ``n`` graph-mode steps)."""
+        for layer in self.layers:
+            layer.advance(n)

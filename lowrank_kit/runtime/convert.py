@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lowrank_kit.kernels.latent_attention.layout import LatentLayout, LatentWeights, RopeSpec, align_for
+from lowrank_kit.kernels.latent_attention.naive import head_tables
 from lowrank_kit.models.base import AttentionInfo
 from lowrank_kit.modules import JointLowRankProjection, LowRankLinear, PerHeadLowRankLinear
 from lowrank_kit.runtime.errors import LatentDecodeError
@@ -74,6 +75,7 @@ class Materialized:
     k_quant: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # (group index, valid, column group)
     v_quant: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
     format: LatentFormat
+    k_heads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # naive.head_tables of K
 
 
 @dataclass
@@ -144,6 +146,7 @@ class LayerFactors:
             _quant_tables(k_layout, device) if self.bits else None,
             _quant_tables(v_layout, device) if self.bits and not self.joint else None,
             fmt,
+            head_tables(k_layout, device),
         )
         self._materialized[key] = mat
         return mat

@@ -31,9 +31,14 @@ def test_run_measures_both_sides_and_checks_the_latent_path():
     assert comp["ranks"]["k_proj"]["kind"] == "per_head"
     assert res["check"]["ok"] and res["check"]["max_rel_logit_diff"] < 1e-5  # fp32 on both sides
     assert res["latent_backend"] == "naive"
+    assert res["check"]["graph_max_rel_logit_diff"] < 1e-5  # graph-mode steps (eager on the CPU)
     (row,) = res["rows"]
-    base, lat = row["baseline"], row["latent"]
+    base, lat, eager = row["baseline"], row["latent"], row["latent_eager"]
+    assert "baseline_static_graph" not in row  # a CUDA-only reference
+    assert base["mode"] == eager["mode"] == "eager" and lat["mode"] == "graph"
+    assert lat["graph"] == {"captures": 0, "steps": 1 + 3, "cuda_graph": False}
     assert base["cache_layer_type"] == "DynamicLayer" and lat["cache_layer_type"] == "LatentLayer"
+    assert eager["cached_tokens_at_end"] == lat["cached_tokens_at_end"]
     assert base["cached_tokens_at_end"] == lat["cached_tokens_at_end"] == 48 + 1 + 3
     # The latent cache holds about ρ2 of the K/V bytes (plus each token's position).
     assert row["cache_bytes_ratio"] == pytest.approx(lat["cache_bytes"] / base["cache_bytes"])
@@ -42,6 +47,7 @@ def test_run_measures_both_sides_and_checks_the_latent_path():
         assert side["decode_tokens_per_s"] == pytest.approx(2 * 3 / side["decode_s"])
         assert side["prefill_s"] > 0 and side["last_tokens_finite"]
     assert row["speedup"] == pytest.approx(lat["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+    assert row["speedup_eager"] == pytest.approx(eager["decode_tokens_per_s"] / base["decode_tokens_per_s"])
     assert "HF" in summary_line(res) and "latent (naive)" in summary_line(res)
 
 

@@ -30,7 +30,8 @@ from runtime_helpers import (
 from lowrank_kit.models.families import TINY_PAD
 from lowrank_kit.models.loading import adapter_for_config
 from lowrank_kit.models.tiny import family_available, tiny_config
-from lowrank_kit.runtime import LatentLayer, enable_latent_decode
+from lowrank_kit.runtime import LatentCache, LatentDecodeGraph, LatentLayer, enable_latent_decode
+from lowrank_kit.runtime.graph import GRAPH_ATTR, cache_kwarg
 
 pytestmark = [
     pytest.mark.gpu,
@@ -73,16 +74,27 @@ def _on_gpu(model, inputs: dict, dtype: torch.dtype):
     return model, inputs
 
 
-def _compare(model, inputs, dtype, monkeypatch, kv_int8: bool = False, reference_model_setup=None):
-    """Greedy runs with the ordinary cache and with latents (Triton), checked token by token."""
+def _compare(
+    model, inputs, dtype, monkeypatch, kv_int8: bool = False, reference_model_setup=None, cuda_graph=False
+):
+    """Greedy runs with the ordinary cache and with latents (Triton), checked token by token;
+    ``cuda_graph``: generate's decode steps replay a captured graph."""
     ref = greedy(model, inputs, n=NEW_TOKENS)
     if reference_model_setup is not None:
         reference_model_setup()
-    enable_latent_decode(model)
+    enable_latent_decode(model, cuda_graph=cuda_graph)
     calls = DecodeCalls(monkeypatch, triton=True)
     out = greedy(model, inputs, n=NEW_TOKENS)
     torch.cuda.synchronize()
-    assert calls.calls == calls.triton == decode_steps(model, out) > 0 and calls.naive == 0
+    if cuda_graph:
+        # Python runs the kernel entry point in the eager warm-up step and in the capture; the other
+        # steps are replays, counted by the graph.
+        graph = getattr(cache_of(out), GRAPH_ATTR)
+        assert graph.use_graph and graph.captures == 1 and graph.steps == len(out.logits) - 1
+        layers_n = model.config.get_text_config().num_hidden_layers
+        assert calls.calls == calls.triton == 2 * layers_n and calls.naive == 0
+    else:
+        assert calls.calls == calls.triton == decode_steps(model, out) > 0 and calls.naive == 0
     layers = cache_of(out).layers
     device = inputs["input_ids"].device
     assert all(isinstance(layer, LatentLayer) and layer.k.device == device for layer in layers)
@@ -91,7 +103,7 @@ def _compare(model, inputs, dtype, monkeypatch, kv_int8: bool = False, reference
     return out
 
 
-def _compare_int8(model, inputs, monkeypatch):
+def _compare_int8(model, inputs, monkeypatch, cuda_graph=False):
     """Greedy runs with int8 latents against a reference whose K/V latents are fake-quantized the same way."""
     mods = set_bits(model, 8)
     fake_quant_forward(mods, 8)
@@ -101,7 +113,13 @@ def _compare_int8(model, inputs, monkeypatch):
             del mod.forward
 
     return _compare(
-        model, inputs, torch.float16, monkeypatch, kv_int8=True, reference_model_setup=drop_fake_quant
+        model,
+        inputs,
+        torch.float16,
+        monkeypatch,
+        kv_int8=True,
+        reference_model_setup=drop_fake_quant,
+        cuda_graph=cuda_graph,
     )
 
 
@@ -206,3 +224,63 @@ def test_generate_on_gpu_per_head_kernel_int8(family, monkeypatch):
     heads = count_heads_kernel(monkeypatch)
     _compare_int8(model, inputs, monkeypatch)
     assert heads["heads"] > 0
+
+
+@pytest.mark.parametrize(
+    ("family", "method", "mha"),
+    [
+        pytest.param(f, m, mha, marks=pytest.mark.skipif(not family_available(f), reason=f"no {f} class"))
+        for f, m, mha in [
+            ("llava", "wsvd", True),  # the per-head kernel
+            ("qwen2_vl", "wsvd", False),  # the grouped kernel, M-RoPE positions from generate
+            ("llava", "qsvd", False),  # one joint latent
+            ("molmo2", "wsvd", False),  # QK-norm: the key norms written at the cursor
+        ]
+    ],
+)
+def test_generate_on_gpu_cuda_graph(family, method, mha, monkeypatch):
+    """enable_latent_decode(cuda_graph=True): generate's decode steps replay one captured graph and give
+    the ordinary cache's tokens."""
+    model = gpu_tiny(family, method, mha=mha)
+    model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
+    _compare(model, inputs, torch.float16, monkeypatch, cuda_graph=True)
+
+
+def test_generate_on_gpu_cuda_graph_int8(monkeypatch):
+    model = gpu_tiny("qwen2_vl", "wsvd")
+    model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
+    _compare_int8(model, inputs, monkeypatch, cuda_graph=True)
+
+
+@torch.no_grad()
+def test_decode_graph_replays_equal_eager_graph_mode_steps():
+    """Replays compute what the same graph-mode steps compute eagerly, also across captures forced by
+    the cache growing (chunks of 4 slots, no max_length: the capacity runs out every few steps)."""
+    model = gpu_tiny("llava", "wsvd", mha=True)
+    model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
+    enable_latent_decode(model)
+    kw = cache_kwarg(model)
+    caches = [LatentCache(chunk=4), LatentCache(chunk=4)]
+    toks = []
+    for cache in caches:
+        out = model(**inputs, use_cache=True, **{kw: cache})
+        toks.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    assert torch.equal(toks[0], toks[1])
+    eager = LatentDecodeGraph(model, caches[0], use_graph=False)
+    graph = LatentDecodeGraph(model, caches[1], use_graph=True)
+    a = b = toks[0]
+    for step in range(10):
+        la, lb = eager.step(a).clone(), graph.step(b).clone()
+        scale = (la.float().amax(-1) - la.float().amin(-1)).clamp_min(1e-6)
+        err = float(((la.float() - lb.float()).abs().amax(-1) / scale).max())
+        assert err < 1e-3, f"step {step}: replay differs from eager by {err:.2e} of the range"
+        a = b = la.argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    assert graph.captures >= 2  # the cache grew at least once after the first capture
+    assert caches[0].get_seq_length() == caches[1].get_seq_length()
+    n = caches[1].layers[0].length
+    for x, y in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(x.positions[:, :n], y.positions[:, :n])
+        assert torch.equal(x.k[:, :n], y.k[:, :n])
+    graph.close()
+    eager.close()

@@ -19,17 +19,31 @@ from lowrank_kit.kernels.latent_attention.layout import LatentKV, LatentLayout, 
 
 
 def head_latents(
-    cache: torch.Tensor, layout: LatentLayout, scale: torch.Tensor | None = None
+    cache: torch.Tensor,
+    layout: LatentLayout,
+    scale: torch.Tensor | None = None,
+    tables: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Dequantized latents per KV head: [B, S, row_width] → [B, S, H_kv, max_width] fp32 (padding zero)."""
-    index, valid = layout.head_columns()
-    index, valid = index.to(cache.device), valid.to(cache.device)
+    """Dequantized latents per KV head: [B, S, row_width] → [B, S, H_kv, max_width] fp32 (padding zero).
+
+    ``tables``: :func:`head_tables` already on the cache's device (saves host-to-device copies; a CUDA
+    graph capture needs it)."""
+    index, valid, group = tables if tables is not None else head_tables(layout, cache.device)
     x = cache[:, :, index].float()  # [B, S, H_kv, W]
     x = x * valid
     if scale is not None:
-        group = torch.tensor(layout.head_group, device=cache.device)
         x = x * scale[:, :, group].float()[..., None]
     return x
+
+
+def head_tables(
+    layout: LatentLayout, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(index, valid, group)`` on ``device``: each KV head's packed columns, which of them are its own,
+    and its scale group (see :meth:`LatentLayout.head_columns`)."""
+    index, valid = layout.head_columns()
+    group = torch.tensor(layout.head_group)
+    return index.to(device), valid.to(device), group.to(device)
 
 
 def rope_cos_sin(positions: torch.Tensor, rope: RopeSpec) -> tuple[torch.Tensor, torch.Tensor]:
