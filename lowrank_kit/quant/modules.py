@@ -94,7 +94,22 @@ def _check_weight_bits(bits: int) -> None:
     qmax(bits)
 
 
-class QuantLinear(nn.Module):
+class _FollowsDtype:
+    """``compute_dtype`` (the float dtype the integer weights are unpacked to) follows ``module.to(dtype)``
+    / ``.half()`` / ``.float()`` as the module's float parameters do; otherwise a compressed model moved to
+    fp16 would multiply fp16 activations by fp32 weights."""
+
+    compute_dtype: torch.dtype
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        probe = fn(torch.empty(0, dtype=self.compute_dtype))
+        if probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return out
+
+
+class QuantLinear(_FollowsDtype, nn.Module):
     """A linear layer with integer weights and per-channel fp32 scales, fake-quantized activations.
 
     ``input_quant`` applies to the input (per token; or per group for a latent read from the cache),
@@ -195,7 +210,7 @@ class QuantLinear(nn.Module):
         )
 
 
-class QuantPerHeadLowRankLinear(PerHeadLowRankLinear):
+class QuantPerHeadLowRankLinear(_FollowsDtype, PerHeadLowRankLinear):
     """:class:`PerHeadLowRankLinear` with a quantized up-projection and a :class:`QuantLinear` down.
 
     ``up_qweight`` holds the integers of ``up_weight`` (d × Σr_h; int8, or int4 packed along Σr_h) and

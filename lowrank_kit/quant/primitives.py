@@ -13,6 +13,7 @@ the search never does worse on that measure than plain max scaling.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -93,10 +94,15 @@ def fake_quant_tokens(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Te
 
 
 def group_index(widths: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """For each column of a latent made of groups of ``widths``, its group number."""
-    return torch.repeat_interleave(
-        torch.arange(len(widths), device=device), torch.tensor(widths, device=device)
-    )
+    """For each column of a latent made of groups of ``widths``, its group number (made once per widths
+    and device: a forward then does no host-to-device copy, which a CUDA graph capture would refuse).
+    Read-only: callers index with it."""
+    return _group_index(tuple(int(w) for w in widths), torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _group_index(widths: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths)).to(device)
 
 
 def group_scales(x: torch.Tensor, widths: tuple[int, ...], bits: int) -> torch.Tensor:

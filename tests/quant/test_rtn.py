@@ -156,3 +156,25 @@ def test_quantizing_twice_is_an_error():
     quantize(model, "llava", "w8a16")
     with pytest.raises(LowRankError, match=r"rtn: the model is already quantized \(.*QuantLinear\)"):
         quantize(model, "llava", "w8a16")
+
+
+def test_a_quantized_model_moved_to_fp16_computes_in_fp16():
+    """model.to(float16) after quantization: the integer weights unpack to fp16 like the activations
+    (they stayed fp32 before, and the first fp16 forward failed with a dtype mismatch)."""
+    model = tiny("llava")
+    decompose(model, "llava", "wsvd")
+    quantize(model, "llava", "w8a8")
+    inputs = tiny_inputs(model, seed=9)
+    ref = logits(model, inputs)
+    quant = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantPerHeadLowRankLinear))]
+    assert any(isinstance(m, QuantPerHeadLowRankLinear) for m in quant)
+    model.to(torch.float16)
+    assert {m.compute_dtype for m in quant} == {torch.float16}
+    half = {k: (v.half() if v.is_floating_point() else v) for k, v in inputs.items()}
+    with torch.no_grad():
+        out = model(**half).logits
+    assert out.dtype == torch.float16
+    assert rel(out.float(), ref) < 2e-2  # fp16 rounding of a w8a8 model
+    model.float()  # back to fp32 (the fp16 round trip rounded the float weights and scales)
+    assert {m.compute_dtype for m in quant} == {torch.float32}
+    assert rel(logits(model, inputs), ref) < 2e-2

@@ -252,13 +252,17 @@ def test_generate_on_gpu_cuda_graph_int8(monkeypatch):
     _compare_int8(model, inputs, monkeypatch, cuda_graph=True)
 
 
-@torch.no_grad()
 def test_decode_graph_replays_equal_eager_graph_mode_steps():
     """Replays compute what the same graph-mode steps compute eagerly, also across captures forced by
     the cache growing (chunks of 4 slots, no max_length: the capacity runs out every few steps)."""
-    model = gpu_tiny("llava", "wsvd", mha=True)
+    model = gpu_tiny("llava", "wsvd", mha=True)  # compression needs gradients: outside no_grad
     model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
     enable_latent_decode(model)
+    with torch.no_grad():
+        _replays_equal_eager(model, inputs)
+
+
+def _replays_equal_eager(model, inputs):
     kw = cache_kwarg(model)
     caches = [LatentCache(chunk=4), LatentCache(chunk=4)]
     toks = []
@@ -269,7 +273,9 @@ def test_decode_graph_replays_equal_eager_graph_mode_steps():
     eager = LatentDecodeGraph(model, caches[0], use_graph=False)
     graph = LatentDecodeGraph(model, caches[1], use_graph=True)
     a = b = toks[0]
-    for step in range(10):
+    # An 11-token prompt in 12 slots: the cache grows at steps 2, 9 and 19 (to 20, 30, 45 slots), each
+    # growth an eager step and a new capture.
+    for step in range(16):
         la, lb = eager.step(a).clone(), graph.step(b).clone()
         scale = (la.float().amax(-1) - la.float().amin(-1)).clamp_min(1e-6)
         err = float(((la.float() - lb.float()).abs().amax(-1) / scale).max())
@@ -284,3 +290,13 @@ def test_decode_graph_replays_equal_eager_graph_mode_steps():
         assert torch.equal(x.k[:, :n], y.k[:, :n])
     graph.close()
     eager.close()
+
+
+def test_generate_on_gpu_cuda_graph_w8a8(monkeypatch):
+    """A W8A8-quantized compressed model: its quantized linears run inside the captured step."""
+    config = tiny_config("llava")
+    config.get_text_config().head_dim = 32
+    mha_config(config)
+    model = compress_model(model_from_config(config), "llava", "wsvd", ratio=0.5, scheme="w8a8")
+    model, inputs = _on_gpu(model, padded_batch(model, pad=3), torch.float16)
+    _compare(model, inputs, torch.float16, monkeypatch, cuda_graph=True)
