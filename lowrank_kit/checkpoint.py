@@ -403,13 +403,15 @@ def load(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     latent_decode: bool = False,
+    cuda_graph: bool = False,
 ):
     """Load a compressed checkpoint; returns a :class:`~lowrank_kit.models.loading.LoadedModel`.
 
     Every file's checksum is verified first; the model is then built by transformers' ``from_pretrained``
     (through :mod:`lowrank_kit.hf_integration`), and any weight it did not find is an error.
     ``latent_decode=True`` also runs :func:`lowrank_kit.runtime.enable_latent_decode` on it, so that
-    ``generate`` caches latents (the checkpoint's K and V must be low-rank).
+    ``generate`` caches latents (the checkpoint's K and V must be low-rank); ``cuda_graph=True`` (with
+    it) makes ``generate``'s decode steps replay a CUDA graph (:mod:`lowrank_kit.runtime.graph`).
     """
     import transformers
 
@@ -421,6 +423,8 @@ def load(
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
     if not p.is_dir():
         raise CheckpointError(f"checkpoint {str(p)!r} is a file; pass the directory that holds config.json")
+    if cuda_graph and not latent_decode:
+        raise CheckpointError("cuda_graph=True replays latent decode steps; pass latent_decode=True with it")
     read_lowrank_config(p)
     verify_manifest(p)
     config = transformers.AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
@@ -447,7 +451,7 @@ def load(
     if latent_decode:
         from lowrank_kit.runtime import enable_latent_decode
 
-        enable_latent_decode(model, adapter=adapter)
+        enable_latent_decode(model, adapter=adapter, cuda_graph=cuda_graph)
     try:
         processor = load_processor(p, trust_remote_code=trust_remote_code)
     except LowRankError:
