@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_kit.kernels.latent_attention.layout import LatentLayout, LatentWeights, RopeSpec, align_for
+from lowrank_kit.kernels.latent_attention.layout import (
+    LatentLayout,
+    LatentWeights,
+    RopeSpec,
+    align_for,
+    pack_order,
+)
 from lowrank_kit.kernels.latent_attention.naive import head_tables
 from lowrank_kit.models.base import AttentionInfo
 from lowrank_kit.modules import JointLowRankProjection, LowRankLinear, PerHeadLowRankLinear
@@ -108,6 +114,11 @@ class LayerFactors:
         hkv = self.num_kv_heads
         k_layout = self.k.layout(hkv, align)
         v_layout = k_layout if self.joint else self.v.layout(hkv, align)
+        if self.k.kind == self.v.kind == "per_head" and not self.joint and self.num_heads == hkv:
+            # The per-head kernel's layout: heads in the row in an order that packs ragged ranks into few
+            # programs (uniform ranks keep the head order).
+            order = pack_order(k_layout.widths, v_layout.widths)
+            k_layout, v_layout = k_layout.with_order(order), v_layout.with_order(order)
         gains = self._head_gains()
         k_ups = [u * g[None, :] for u, g in zip(self.k.ups, gains)]
         k_up = k_layout.up_rows(k_ups).to(device=device, dtype=dtype)

@@ -294,6 +294,70 @@ def test_head_blocks_pack_consecutive_heads_into_the_column_budget():
     assert head_blocks((8,) * 20, (8,) * 20, 128, 16) == ((0, 16), (16, 4))
 
 
+def test_pack_order_packs_ragged_heads_into_fewer_programs():
+    from lowrank_kit.kernels.latent_attention.layout import pack_order
+    from lowrank_kit.kernels.latent_attention.triton import head_blocks
+
+    # Uniform widths keep the head order (pairs of adjacent heads, as before).
+    assert pack_order((64,) * 6, (64,) * 6) == tuple(range(6))
+    k, v = (104, 64, 24, 64, 96, 32), (24, 64, 104, 64, 32, 96)
+    assert len(head_blocks(k, v, 128, 16)) == 5  # only heads 4 and 5 fit together in index order
+    order = pack_order(k, v)
+    assert order == (0, 2, 4, 5, 1, 3)
+    blocks = head_blocks(tuple(k[j] for j in order), tuple(v[j] for j in order), 128, 16)
+    assert blocks == ((0, 2), (2, 2), (4, 2))  # the kernel's greedy runs over the packed order: its bins
+    for first, n in blocks:
+        heads = order[first : first + n]
+        assert sum(k[j] for j in heads) <= 128 and sum(v[j] for j in heads) <= 128
+    # The layout places groups in that order; packing and unpacking stay exact.
+    lay = LatentLayout.per_head((100, 20, 90), 4, order=(2, 0, 1))
+    assert lay.offsets == (92, 192, 0) and lay.row_width == 224
+    x = torch.randn(3, 210)
+    packed = lay.pack(x)
+    assert torch.equal(packed[:, lay.packed_columns()], x)
+    assert torch.equal(packed[:, :90], x[:, 120:])
+    with pytest.raises(ValueError, match="must list every group"):
+        LatentLayout.per_head((8, 8), 8, order=(0, 0))
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_heads_kernel_on_packed_head_order(int8):
+    """Ragged heads in the runtime's packed row order: programs of non-adjacent heads (by index), several
+    heads a program, against the naive twin, which reads the same layout through its offsets."""
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    p = make_problem(
+        batch=2,
+        num_heads=6,
+        num_kv_heads=6,
+        head_dim=32,
+        k_ranks=(100, 60, 20, 60, 90, 30),
+        v_ranks=(20, 60, 100, 60, 30, 90),
+        lengths=(70, 33),
+        left_pad=(0, 11),
+        int8=int8,
+        bias=True,
+        head_order="packed",
+        device=DEVICE,
+    )
+    assert p.w.k_layout.order != tuple(range(6)) and p.w.k_layout.order == p.w.v_layout.order
+    base = triton_impl.heads_launch_config(2, p.max_len, p.w, p.q.device)
+    geo = triton_impl._head_geometry(*triton_impl._row_widths(p.w), base.columns, base.heads_per_program)
+    index = triton_impl.head_blocks(p.w.k_layout.widths, p.w.v_layout.widths, base.columns, 16)
+    # fp16 (widths rounded to 8): 3 programs instead of 5; int8 (to 16): 4 instead of 5.
+    assert (len(geo.blocks), len(index)) == ((4, 5) if int8 else (3, 5))
+    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
+    for split_len in (base.block_n, 256):
+        cfg = dataclasses.replace(base, split_len=split_len)
+        out = torch.full((2, 6, p.w.out_width), float("nan"), dtype=p.q.dtype, device=DEVICE)
+        triton_impl.latent_attention_decode(
+            p.q, p.kv, p.w, p.starts, p.ends, config=cfg, out=out, poison_workspace=True
+        )
+        assert torch.isfinite(out).all()
+        err = relative_error(out, ref)
+        assert err < TOL[torch.float16], f"split {split_len}: {err:.2e}"
+
+
 @pytest.mark.parametrize("heads_per_program", [1, 2, 4])
 def test_heads_per_program_does_not_change_the_result(heads_per_program):
     """Every run length computes the same function: 5 heads leave a shorter last run for 2 and 4."""

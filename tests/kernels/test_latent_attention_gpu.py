@@ -119,3 +119,35 @@ def test_heads_per_program_at_model_size(heads_per_program, positions):
     assert torch.isfinite(out).all()
     err = relative_error(out, ref)
     assert err < TOL[torch.float16], f"heads_per_program {heads_per_program}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_ragged_ranks_in_packed_order_at_model_size(int8):
+    """The allocator's ragged ranks over 32 heads in the runtime's packed row order (programs of heads
+    that are not adjacent by index), as the end-to-end benchmark's compressed model lays them out."""
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+    from lowrank_kit.kernels.latent_attention.bench import ragged_ranks
+
+    p = make_problem(
+        seed=5,
+        device="cuda",
+        batch=2,
+        **LLAVA,
+        k_ranks=ragged_ranks(0.5, 32, 128, 1),
+        v_ranks=ragged_ranks(0.5, 32, 128, 2),
+        lengths=[8192, 1000],
+        left_pad=[0, 77],
+        dtype=torch.float16,
+        int8=int8,
+        positions="sequential",
+        head_order="packed",
+    )
+    assert p.w.k_layout.order != tuple(range(32))
+    out = torch.full((2, 32, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype)
+    cfg = triton_impl.launch_config(2, 32, p.max_len, p.w, p.q.device)
+    assert cfg.heads_per_program > 0
+    triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, out=out, poison_workspace=True)
+    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
+    assert torch.isfinite(out).all()
+    err = relative_error(out, ref)
+    assert err < TOL[torch.float16], f"relative error {err:.2e}"

@@ -113,6 +113,8 @@ def problem(
         mrope_section=m["mrope_section"],
         qk_norm=m.get("qk_norm"),
         positions=positions,
+        # As the runtime lays out an MHA model's per-head latents (ragged ranks packed into programs).
+        head_order="packed" if layout == "per_head" and m["num_heads"] == m["num_kv_heads"] else "index",
         seed=seed,
         device="cuda",
     )

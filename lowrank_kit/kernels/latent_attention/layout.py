@@ -9,6 +9,11 @@ group is padded to the widest one: ragged ranks cost only their own bytes.
 Group structure is data: ``head_group[j]`` is the group whose latent KV head j reads. Per-head latents
 (WSVD) have one group per KV head, group-head latents (Palu) a group per few heads, one shared latent
 (SVD-LLM/ASVD on K and V, QSVD's joint QKV) a single group for all heads.
+
+Groups sit in the row in ``order`` (default: group 0, 1, ...). The per-head kernel packs runs of
+groups that are adjacent in the row into one program of at most :data:`HEADS_COLUMNS` columns, so for
+ragged ranks the runtime orders the groups by :func:`pack_order` (a first-fit-decreasing bin packing of
+the K and V widths) instead of by head: adjacent heads rarely fit one program together, packed ones do.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import torch
 # Rows of the cache are padded to this many elements so that the row stride is divisible by 16, which
 # lets Triton prove 16-byte alignment of every row and use vector loads.
 ROW_MULTIPLE = 16
+# The per-head kernel's programs: at most this many K (and V) latent columns and this many heads each.
+HEADS_COLUMNS = 128
+HEADS_MAX = 16
 
 
 def _round_up(x: int, m: int) -> int:
@@ -39,6 +47,7 @@ class LatentLayout:
     ranks: tuple[int, ...]
     head_group: tuple[int, ...]
     align: int = 8
+    order: tuple[int, ...] | None = None  # groups in row order; None: 0, 1, ...
     widths: tuple[int, ...] = field(init=False)
     offsets: tuple[int, ...] = field(init=False)
     row_width: int = field(init=False)
@@ -52,21 +61,29 @@ class LatentLayout:
             )
         if self.align < 1:
             raise ValueError(f"align must be at least 1, got {self.align}")
+        order = tuple(range(len(self.ranks))) if self.order is None else tuple(int(g) for g in self.order)
+        if sorted(order) != list(range(len(self.ranks))):
+            raise ValueError(f"order {list(order)} must list every group 0..{len(self.ranks) - 1} once")
         widths = tuple(_round_up(int(r), self.align) for r in self.ranks)
-        offsets = [0]
-        for w in widths:
-            offsets.append(offsets[-1] + w)
+        offsets = [0] * len(widths)
+        end = 0
+        for g in order:
+            offsets[g] = end
+            end += widths[g]
         object.__setattr__(self, "ranks", tuple(int(r) for r in self.ranks))
         object.__setattr__(self, "head_group", tuple(int(g) for g in self.head_group))
+        object.__setattr__(self, "order", order)
         object.__setattr__(self, "widths", widths)
-        object.__setattr__(self, "offsets", tuple(offsets[:-1]))
-        object.__setattr__(self, "row_width", _round_up(offsets[-1], ROW_MULTIPLE))
+        object.__setattr__(self, "offsets", tuple(offsets))
+        object.__setattr__(self, "row_width", _round_up(end, ROW_MULTIPLE))
 
     # -- constructors ------------------------------------------------------------------------------------
     @classmethod
-    def per_head(cls, ranks: Sequence[int], align: int = 8) -> LatentLayout:
-        """One latent per KV head (WSVD)."""
-        return cls(tuple(ranks), tuple(range(len(ranks))), align)
+    def per_head(
+        cls, ranks: Sequence[int], align: int = 8, order: Sequence[int] | None = None
+    ) -> LatentLayout:
+        """One latent per KV head (WSVD); ``order``: the heads in row order (see the module docstring)."""
+        return cls(tuple(ranks), tuple(range(len(ranks))), align, None if order is None else tuple(order))
 
     @classmethod
     def shared(cls, rank: int, num_kv_heads: int, align: int = 8) -> LatentLayout:
@@ -97,7 +114,15 @@ class LatentLayout:
         return sum(self.ranks)
 
     def with_align(self, align: int) -> LatentLayout:
-        return LatentLayout(self.ranks, self.head_group, align)
+        return LatentLayout(self.ranks, self.head_group, align, self.order)
+
+    def with_order(self, order: Sequence[int]) -> LatentLayout:
+        return LatentLayout(self.ranks, self.head_group, self.align, tuple(order))
+
+    @property
+    def in_order(self) -> bool:
+        """Whether groups sit in the row by their index."""
+        return self.order == tuple(range(len(self.ranks)))
 
     def packed_columns(self) -> torch.Tensor:
         """For each column of the unpadded latent, its column in the packed row."""
@@ -127,7 +152,7 @@ class LatentLayout:
             raise ValueError(
                 f"latent has width {latent.shape[-1]}, the layout expects Σ ranks = {self.latent_width}"
             )
-        if self.row_width == self.latent_width:
+        if self.row_width == self.latent_width and self.in_order:
             return latent
         out = latent.new_zeros(*latent.shape[:-1], self.row_width)
         out[..., self.packed_columns().to(latent.device)] = latent
@@ -148,6 +173,33 @@ class LatentLayout:
                 )
             out[j, :r] = u
         return out
+
+
+def pack_order(
+    k_widths: Sequence[int], v_widths: Sequence[int], columns: int = HEADS_COLUMNS, max_heads: int = HEADS_MAX
+) -> tuple[int, ...]:
+    """A row order of per-head latents that packs heads into few per-head-kernel programs.
+
+    First-fit decreasing: heads by decreasing max(K width, V width) each go to the first program whose K
+    and V columns stay within ``columns`` (and heads within ``max_heads``); the order lists the programs'
+    heads program by program. The kernel's greedy packing of adjacent heads then finds exactly these
+    programs (a head that opened a later program did not fit any earlier one, which only filled up after).
+    Equal widths keep the head order (uniform ranks: pairs of adjacent heads, as before)."""
+    if len(k_widths) != len(v_widths):
+        raise ValueError(f"{len(k_widths)} K widths but {len(v_widths)} V widths")
+    heads = sorted(range(len(k_widths)), key=lambda j: -max(k_widths[j], v_widths[j]))
+    bins: list[list[int]] = []
+    fill: list[list[int]] = []
+    for j in heads:
+        for b, (kc, vc) in enumerate(fill):
+            if kc + k_widths[j] <= columns and vc + v_widths[j] <= columns and len(bins[b]) < max_heads:
+                bins[b].append(j)
+                fill[b] = [kc + k_widths[j], vc + v_widths[j]]
+                break
+        else:
+            bins.append([j])
+            fill.append([k_widths[j], v_widths[j]])
+    return tuple(j for b in bins for j in b)
 
 
 def quantize_int8(packed: torch.Tensor, layout: LatentLayout) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from lowrank_kit.kernels.latent_attention.layout import (
     LatentWeights,
     RopeSpec,
     align_for,
+    pack_order,
     quantize_int8,
 )
 
@@ -71,6 +72,7 @@ def make_problem(
     left_pad: Sequence[int] | None = None,
     capacity: int | None = None,
     positions: str = "random",
+    head_order: str = "index",
     seed: int = 0,
     device: str | torch.device = "cpu",
 ) -> Problem:
@@ -81,13 +83,20 @@ def make_problem(
 
     ``layout``: "per_head" (one group per KV head; ``k_ranks``/``v_ranks`` per head), "grouped" (one
     group per ``heads_per_group`` heads; ranks per group) or "shared" (one group; one rank each).
+    ``head_order`` (per_head): "index" (heads in the row by index) or "packed" (the row order the runtime
+    gives MHA models, :func:`~lowrank_kit.kernels.latent_attention.layout.pack_order`).
     """
     dev = torch.device(device)
     # Drawn on the target device: benchmark shapes hold billions of latent elements.
     gen = torch.Generator(device=dev).manual_seed(seed)
     align = align_for(torch.int8 if int8 else dtype)
+    if head_order not in ("index", "packed"):
+        raise ValueError(f"unknown head_order {head_order!r}; available: index, packed")
     if layout == "per_head":
         kl, vl = LatentLayout.per_head(k_ranks, align), LatentLayout.per_head(v_ranks, align)
+        if head_order == "packed":
+            order = pack_order(kl.widths, vl.widths)
+            kl, vl = kl.with_order(order), vl.with_order(order)
     elif layout == "grouped":
         kl = LatentLayout.grouped(k_ranks, heads_per_group, align)
         vl = LatentLayout.grouped(v_ranks, heads_per_group, align)

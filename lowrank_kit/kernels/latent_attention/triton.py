@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_kit.kernels.latent_attention.layout import LatentKV, LatentWeights
+from lowrank_kit.kernels.latent_attention.layout import HEADS_COLUMNS, HEADS_MAX, LatentKV, LatentWeights
 
 LOG2E = 1.4426950408889634
 
@@ -303,6 +303,7 @@ def _latent_decode_heads(
     K_WID,
     V_OFF,
     V_WID,
+    ORDER,
     BLK_HEAD,
     BLK_COUNT,
     STARTS,
@@ -365,8 +366,9 @@ def _latent_decode_heads(
     # rebuilt or rotated: per token the kernel forms W on tensor cores from a cos/sin tile that all heads
     # of the program share, multiplies it into the latent elementwise, and sums each head's columns with a
     # 0/1 selector dot. RoPE's special-function work is paid once per token for the program's heads. A
-    # program's heads are a run of consecutive KV heads (BLK_HEAD, BLK_COUNT) packed up to a column budget,
-    # so ragged ranks fill programs instead of padding every head to the widest.
+    # program's heads are a run of heads adjacent in the cached row (BLK_HEAD, BLK_COUNT: positions in the
+    # row order ORDER) packed up to a column budget, so ragged ranks fill programs instead of padding every
+    # head to the widest; the runtime orders heads so that they pack well (layout.pack_order).
     split = tl.program_id(0)
     blk = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -376,12 +378,14 @@ def _latent_decode_heads(
     lo = start + split * split_len
     hi = tl.minimum(end, lo + split_len)
 
-    j0 = tl.load(BLK_HEAD + blk)
+    i0 = tl.load(BLK_HEAD + blk)  # the program's first head in row order
     nh = tl.load(BLK_COUNT + blk)
     hh = tl.arange(0, HP)
     # HB bounds every program's head count at compile time: slots past it are known empty.
     h_ok = (hh < HB) & (hh < nh)
-    jh = tl.where(h_ok, j0 + hh, j0)  # [HP] KV head (= query head) of each slot; padding slots alias j0
+    # [HP] KV head (= query head) of each slot, through the row order; padding slots alias the first.
+    jh = tl.load(ORDER + tl.where(h_ok, i0 + hh, i0))
+    j0 = tl.load(ORDER + i0)
     k_offs = tl.load(K_OFF + jh)
     k_wids = tl.where(h_ok, tl.load(K_WID + jh), 0)
     v_offs = tl.load(V_OFF + jh)
@@ -389,7 +393,7 @@ def _latent_decode_heads(
     # The block's heads sit side by side in a cached row, so its latents are one contiguous run of
     # k_cols (v_cols) columns. Bounding loads by that one aligned number (not per-column head maps) lets
     # the compiler prove 16-byte vectors, which the asynchronous copies of the software pipeline need.
-    j_last = j0 + nh - 1
+    j_last = tl.load(ORDER + i0 + nh - 1)
     k_base = tl.multiple_of(tl.load(K_OFF + j0), ALIGN_K)
     v_base = tl.multiple_of(tl.load(V_OFF + j0), ALIGN_V)
     k_cols = tl.multiple_of(tl.load(K_OFF + j_last) + tl.load(K_WID + j_last) - k_base, ALIGN_K)
@@ -619,13 +623,11 @@ _TABLE: tuple[tuple[int, int, tuple[int, int, int]], ...] = (
 )
 
 
-# Per-head kernel: consecutive heads are packed into programs of at most `columns` K and V latent
+# Per-head kernel: heads adjacent in the cached row are packed into programs of at most `columns` K and V latent
 # columns (and at most 16 heads), then (block_n, num_warps, num_stages) by the padded column count. From
 # the launch sweep of benchmarks/attention_decode.py on an H100 (docs/kernel.md): 128 columns, 64-token
 # tiles, 4 warps and 2 stages measured fastest (two rank-64 heads: 442 µs at B=16, 8192 tokens, against
 # 543-871 µs with 8 warps, 542-629 µs with one head and 546 µs with four heads a program).
-HEADS_COLUMNS = 128
-HEADS_MAX = 16
 _HEADS_TABLE: tuple[tuple[int, tuple[int, int, int]], ...] = (
     (128, (64, 4, 2)),
     (256, (64, 8, 2)),
@@ -638,7 +640,12 @@ def uses_heads_kernel(w: LatentWeights) -> bool:
     per-head factors, any ranks) and one query head per KV head (MHA). Shared, grouped and joint latents
     and GQA run on the grouped kernel, which rebuilds each KV head's keys once for all its query heads."""
     heads = tuple(range(w.num_kv_heads))
-    return w.queries_per_kv == 1 and w.k_layout.head_group == heads and w.v_layout.head_group == heads
+    return (
+        w.queries_per_kv == 1
+        and w.k_layout.head_group == heads
+        and w.v_layout.head_group == heads
+        and w.k_layout.order == w.v_layout.order  # a program's K and V latents: one run of heads each
+    )
 
 
 @functools.lru_cache(maxsize=1024)
@@ -657,6 +664,12 @@ def head_blocks(
         kc, vc = kc + kw, vc + vw
     blocks.append((first, len(k_widths) - first))
     return tuple(blocks)
+
+
+def _row_widths(w: LatentWeights) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """K and V widths of the heads in row order (the per-head kernel packs runs of adjacent heads)."""
+    order = w.k_layout.order
+    return tuple(w.k_layout.widths[g] for g in order), tuple(w.v_layout.widths[g] for g in order)
 
 
 class _HeadGeometry(NamedTuple):
@@ -691,7 +704,7 @@ def heads_launch_config(
     """Launch of the per-head kernel: heads packed into programs of at most ``columns`` latent columns
     and ``heads_per_program`` heads (0: up to :data:`HEADS_MAX`), block sizes from the table."""
     max_heads = heads_per_program if heads_per_program > 0 else HEADS_MAX
-    geo = _head_geometry(w.k_layout.widths, w.v_layout.widths, columns, max_heads)
+    geo = _head_geometry(*_row_widths(w), columns, max_heads)
     if device.type != "cuda":
         block_n, warps, stages = 16, 4, 1
     else:
@@ -755,6 +768,7 @@ class _Static:
     invf_by_component: torch.Tensor
     k_bias: torch.Tensor
     dummy: torch.Tensor
+    order: torch.Tensor  # [groups] int32: the K groups in row order
 
 
 def _static(w: LatentWeights, rows: int, device: torch.device) -> _Static:
@@ -774,6 +788,7 @@ def _static(w: LatentWeights, rows: int, device: torch.device) -> _Static:
         _invf_by_component(w).to(device),
         w.k_bias.to(device=device, dtype=torch.float32).contiguous() if w.k_bias is not None else dummy,
         dummy,
+        torch.tensor(w.k_layout.order, dtype=torch.int32, device=device),
     )
     w.launch_cache.clear()  # one entry: a layer runs at one padding on one device
     w.launch_cache[key] = st
@@ -842,7 +857,7 @@ def latent_attention_decode(
             f"this layer has {w.queries_per_kv} query heads per KV head and K groups {w.k_layout.head_group}"
         )
     if heads_kernel:
-        geo = _head_geometry(w.k_layout.widths, w.v_layout.widths, cfg.columns, cfg.heads_per_program)
+        geo = _head_geometry(*_row_widths(w), cfg.columns, cfg.heads_per_program)
         programs = n_blocks = len(geo.blocks)
         n_vchunks = 1
     else:
@@ -941,6 +956,7 @@ def latent_attention_decode(
             st.k_wid,
             st.v_off,
             st.v_wid,
+            st.order,
             *_block_tables(w, geo.blocks, q.device),
             starts,
             ends,
