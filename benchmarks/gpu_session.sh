@@ -4,7 +4,7 @@
 # the decode-attention shape grid, and the testbed's quantization table on the GPU. Results land
 # in $OUT (JSON, test logs); copy them into benchmarks/results/ and commit them.
 #
-#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests sweep e2e grid quant]
+#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests target sweep e2e grid quant]
 #   (default: tests e2e grid quant; CARD names the output files)
 #
 # The device image has torch/triton/transformers but not pydantic: wheels for its Python carried in
@@ -56,6 +56,9 @@ for p in "${parts[@]}"; do
       step kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention_gpu.py ;;
     runtime_tests)
       step runtime_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/runtime/test_generate_gpu.py ;;
+    target)
+      step attention_target 240 python3 benchmarks/attention_decode.py run --batches 16 --lengths 8192 \
+        --rhos 0.5 --time-budget 200 --out "$OUT/attention_decode_target_$CARD.json" ;;
     sweep)
       step attention_sweep 400 python3 benchmarks/attention_decode.py run --sweep --batches 16 --lengths 8192 \
         --rhos 0.5 --time-budget 360 --out "$OUT/attention_decode_target_$CARD.json" ;;
@@ -67,7 +70,7 @@ for p in "${parts[@]}"; do
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
         --output "$OUT/quant_accuracy_testbed_$CARD.json" --table "$OUT/quant_accuracy_table.md" ;;
-    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, sweep, e2e, grid, quant)"; exit 2 ;;
+    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, target, sweep, e2e, grid, quant)"; exit 2 ;;
   esac
 done
 exit $status
