@@ -4,7 +4,7 @@
 # the decode-attention shape grid, and the testbed's quantization table on the GPU. Results land
 # in $OUT (JSON, test logs); copy them into benchmarks/results/ and commit them.
 #
-#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests target sweep e2e grid quant]
+#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests target sweep e2e profile_graph grid quant]
 #   (default: tests e2e grid quant; CARD names the output files)
 #
 # The device image has torch/triton/transformers but not pydantic: wheels for its Python carried in
@@ -64,13 +64,16 @@ for p in "${parts[@]}"; do
         --rhos 0.5 --time-budget 360 --out "$OUT/attention_decode_target_$CARD.json" ;;
     e2e)
       step decode_e2e 390 python3 benchmarks/decode_e2e.py --output "$OUT/decode_e2e_llava-next-7b_$CARD.json" ;;
+    profile_graph)
+      step profile_graph 240 python3 benchmarks/profile_decode_step.py --graph \
+        --output "$OUT/profile_decode_step_graph_$CARD.json" ;;
     grid)
       step attention_grid 330 python3 benchmarks/attention_decode.py run --grid cross --time-budget 280 --rhos 0.5 0.9 \
         --out "$OUT/attention_decode_grid_$CARD.json" ;;
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
         --output "$OUT/quant_accuracy_testbed_$CARD.json" --table "$OUT/quant_accuracy_table.md" ;;
-    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, target, sweep, e2e, grid, quant)"; exit 2 ;;
+    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, target, sweep, e2e, profile_graph, grid, quant)"; exit 2 ;;
   esac
 done
 exit $status

@@ -5,9 +5,13 @@ backend. Writes the operator tables (host time and device time per operator, top
 host/device totals as JSON::
 
     python benchmarks/profile_decode_step.py --output /tmp/profile.json
+    python benchmarks/profile_decode_step.py --graph --output /tmp/profile_graph.json
     python benchmarks/profile_decode_step.py --tiny --device cpu --dtype float32 --output /tmp/p.json
 
 A step is host-bound when the host's time to issue it exceeds the device time of what it issues.
+``--graph`` profiles steps replayed from CUDA graphs instead (the latent side through a
+``LatentDecodeGraph``, the baseline on transformers' ``StaticCache``): where the device time of a
+launch-free step goes.
 """
 
 from __future__ import annotations
@@ -24,11 +28,11 @@ from lowrank_kit.runtime.bench import (
     TINY_RUN,
     E2ESettings,
     _cache_kwarg,
-    _new_cache,
     _sync,
     build,
     compress_for_run,
-    greedy_step,
+    decode_stepper,
+    new_decode_cache,
     prompt_ids,
 )
 
@@ -56,40 +60,45 @@ def _rows(prof) -> list[dict]:
 
 
 @torch.no_grad()
-def profile_steps(model, ids: torch.Tensor, latent: bool, steps: int, top: int) -> dict:
+def profile_steps(model, ids: torch.Tensor, latent: bool, steps: int, top: int, mode: str = "eager") -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     device = ids.device
     kw = _cache_kwarg(model)
-    cache = _new_cache(model, latent, ids.shape[1] + steps + 4)
+    cache = new_decode_cache(model, mode, latent, ids.shape[1] + 2 * steps + 4)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
-    for _ in range(2):  # warm-up steps (compilation, allocator)
-        tok = greedy_step(model, tok, kw, cache)
+    step, runner = decode_stepper(model, cache, mode, ids.shape[0], device)
+
+    for _ in range(2):  # warm-up steps (compilation, allocator; a graph's eager step and its capture)
+        tok = step(tok).argmax(-1, keepdim=True)
     _sync(device)
     # Unprofiled timing of the same number of steps first, then the profiled ones.
     t0 = time.perf_counter()
     for _ in range(steps):
-        tok = greedy_step(model, tok, kw, cache)
+        tok = step(tok).argmax(-1, keepdim=True)
     _sync(device)
     wall_ms = 1e3 * (time.perf_counter() - t0) / steps
     # Host time to issue one step: time until the last launch returns, without waiting for the device.
     _sync(device)
     t0 = time.perf_counter()
-    tok = greedy_step(model, tok, kw, cache)
+    tok = step(tok).argmax(-1, keepdim=True)
     issue_ms = 1e3 * (time.perf_counter() - t0)
     _sync(device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
-            tok = greedy_step(model, tok, kw, cache)
+            tok = step(tok).argmax(-1, keepdim=True)
         _sync(device)
     rows = _rows(prof)
     key = "device_self_us" if device.type == "cuda" else "host_self_us"
     # Kernels only: an aten operator's row repeats the device time of the kernels it launched.
     kernels = [r for r in rows if not r["name"].startswith("aten::")]
     launches = sum(r["calls"] for r in rows if "LaunchKernel" in r["name"])
+    if runner is not None and hasattr(runner, "close"):
+        runner.close()
     return {
+        "mode": mode,
         "wall_ms_per_step": wall_ms,
         "host_issue_ms_one_step": issue_ms,
         "device_kernel_ms_per_step_profiled": sum(r["device_self_us"] for r in kernels) / 1e3 / steps,
@@ -110,6 +119,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=30)
     p.add_argument("--tiny", action="store_true")
+    p.add_argument(
+        "--graph", action="store_true", help="profile steps replayed from CUDA graphs (see the docstring)"
+    )
     p.add_argument("--output", type=Path, required=True)
     a = p.parse_args(argv)
     # The tiny run's model and calibration; steps are this script's own.
@@ -125,11 +137,13 @@ def main(argv: list[str] | None = None) -> None:
     ids = prompt_ids(model, s.batch, s.context, s.seed)
     res = {"settings": {"arch": s.arch, "batch": s.batch, "context": s.context, "dtype": s.dtype}}
     res["device"] = torch.cuda.get_device_name(0) if ids.is_cuda else "cpu"
-    res["baseline"] = profile_steps(model, ids, False, a.steps, a.top)
+    on_gpu = ids.is_cuda
+    base_mode = "static_graph" if a.graph and on_gpu else "eager"
+    res["baseline"] = profile_steps(model, ids, False, a.steps, a.top, base_mode)
     print(f"baseline: {res['baseline']['wall_ms_per_step']:.2f} ms/step", flush=True)
     compress_for_run(model, s)
     enable_latent_decode(model)
-    res["latent"] = profile_steps(model, ids, True, a.steps, a.top)
+    res["latent"] = profile_steps(model, ids, True, a.steps, a.top, "graph" if a.graph else "eager")
     print(f"latent: {res['latent']['wall_ms_per_step']:.2f} ms/step", flush=True)
     for side in ("baseline", "latent"):
         r = res[side]

@@ -208,12 +208,6 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def greedy_step(model, tok: torch.Tensor, kw: str, cache) -> torch.Tensor:
-    """One decode step: a forward of one token per row with ``cache`` (passed as ``kw``), then the argmax
-    that picks the next token ([B, 1])."""
-    return model(input_ids=tok, use_cache=True, **{kw: cache}).logits[:, -1].argmax(-1, keepdim=True)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -248,7 +242,7 @@ def _new_cache(model, latent: bool, max_length: int):
     return LatentCache(max_length=max_length) if latent else DynamicCache(config=model.config)
 
 
-def _static_cache(model, batch: int, max_length: int):
+def _static_cache(model, max_length: int):
     from transformers.cache_utils import StaticCache
 
     return StaticCache(config=model.config, max_cache_len=max_length)
@@ -287,6 +281,38 @@ class _StaticGraph:
         return self.logits
 
 
+def decode_stepper(model, cache, mode: str, batch: int, device: torch.device):
+    """``(step, runner)``: ``step(tok) -> logits [B, vocab]`` runs one decode step of ``model`` on the
+    prefilled ``cache`` the way ``mode`` says (see :func:`measure`); ``runner`` is the graph object (or
+    None; close a :class:`~lowrank_kit.runtime.graph.LatentDecodeGraph` after use)."""
+    from lowrank_kit.runtime.graph import LatentDecodeGraph
+
+    if mode not in ("eager", "graph", "static_graph"):
+        raise LowRankError(f"unknown decode mode {mode!r}; available: eager, graph, static_graph")
+    kw = _cache_kwarg(model)
+    if mode == "graph":
+        runner = LatentDecodeGraph(model, cache, use_graph=device.type == "cuda")
+        return runner.step, runner
+    if mode == "static_graph":
+        if device.type != "cuda":
+            raise LowRankError("the static-cache CUDA graph baseline needs a CUDA device")
+        runner = _StaticGraph(model, cache, kw, batch, device)
+        return runner.step, runner
+
+    def step(t):
+        return model(input_ids=t, use_cache=True, **{kw: cache}).logits[:, -1]
+
+    return step, None
+
+
+def new_decode_cache(model, mode: str, latent: bool, max_length: int):
+    """The cache a run of ``mode`` prefills: transformers' ``StaticCache`` for "static_graph", else
+    :func:`_new_cache`."""
+    if mode == "static_graph":
+        return _static_cache(model, max_length)
+    return _new_cache(model, latent, max_length)
+
+
 @torch.no_grad()
 def measure(
     model, ids: torch.Tensor, steps: int, warmup: int, latent: bool, mode: str = "eager"
@@ -300,16 +326,9 @@ def measure(
     """
     from lowrank_kit.runtime.graph import LatentDecodeGraph
 
-    if mode not in ("eager", "graph", "static_graph"):
-        raise LowRankError(f"unknown decode mode {mode!r}; available: eager, graph, static_graph")
     device = ids.device
     kw = _cache_kwarg(model)
-    max_length = ids.shape[1] + warmup + steps
-    cache = (
-        _static_cache(model, ids.shape[0], max_length)
-        if mode == "static_graph"
-        else _new_cache(model, latent, max_length)
-    )
+    cache = new_decode_cache(model, mode, latent, ids.shape[1] + warmup + steps)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -320,20 +339,7 @@ def measure(
     tok = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     prefill_s = time.perf_counter() - t0
-    if mode == "graph":
-        runner = LatentDecodeGraph(model, cache, use_graph=device.type == "cuda")
-        step = runner.step
-    elif mode == "static_graph":
-        if device.type != "cuda":
-            raise LowRankError("the static-cache CUDA graph baseline needs a CUDA device")
-        runner = _StaticGraph(model, cache, kw, ids.shape[0], device)
-        step = runner.step
-    else:
-        runner = None
-
-        def step(t, cache=cache):
-            return model(input_ids=t, use_cache=True, **{kw: cache}).logits[:, -1]
-
+    step, runner = decode_stepper(model, cache, mode, ids.shape[0], device)
     for _ in range(warmup):
         tok = step(tok).argmax(-1, keepdim=True)
     _sync(device)

@@ -100,12 +100,16 @@ def test_shrunk_config():
         shrunk_config("qwen2-vl-7b", hidden_scale=16)
 
 
-def test_profile_decode_step_script_on_a_tiny_model(tmp_path):
-    """benchmarks/profile_decode_step.py runs both sides on the CPU and writes their operator tables."""
+@pytest.mark.parametrize("graph", [False, True])
+def test_profile_decode_step_script_on_a_tiny_model(tmp_path, graph):
+    """benchmarks/profile_decode_step.py runs both sides on the CPU and writes their operator tables;
+    ``--graph`` profiles the latent side's graph-mode steps (eager on the CPU; the static-cache baseline
+    needs CUDA, so the CPU baseline stays eager)."""
     script = load_benchmark_script("profile_decode_step")
     out = tmp_path / "profile.json"
     script.main(
         [
+            *(["--graph"] if graph else []),
             "--tiny",
             "--device",
             "cpu",
@@ -127,3 +131,5 @@ def test_profile_decode_step_script_on_a_tiny_model(tmp_path):
         names = {row["name"] for row in r["by_host_self"]}
         assert any(n.startswith("aten::") for n in names)
     assert res["settings"] == {"arch": "llava-next-7b", "batch": 2, "context": 256, "dtype": "float32"}
+    assert res["baseline"]["mode"] == "eager"
+    assert res["latent"]["mode"] == ("graph" if graph else "eager")
