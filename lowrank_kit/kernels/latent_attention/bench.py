@@ -6,7 +6,9 @@ tokens):
 
 - a device-to-device copy (the bandwidth ceiling, bytes read + written),
 - SDPA on full fp16 K/V with every backend that runs (default selection, flash, memory-efficient, cuDNN),
-- the latent kernel at ρ2 = 0.9 / 0.7 / 0.5, uniform and allocator (ragged) ranks, fp16 and int8 latents,
+- the latent kernel at ρ2 = 0.9 / 0.7 / 0.5, uniform and allocator (ragged) ranks, fp16 and int8 latents
+  (ragged per-head latents of MHA models in the runtime's packed head order, and as "ragged_index" in
+  head order, the layout before packing),
 - the same kernel with one shared latent at equal ρ2, and the naive PyTorch latent path.
 
 Timing is device time: the median over replays of a CUDA graph that calls the operation on enough
@@ -91,9 +93,11 @@ def problem(
     lengths: list[int] | None = None,
     left_pad: list[int] | None = None,
     positions: str = "sequential",
+    head_order: str | None = None,
 ):
     """A decode problem at a benchmark shape; positions as in generation unless ``positions`` says
-    "random" (see :func:`~lowrank_kit.kernels.latent_attention.testing.make_problem`)."""
+    "random" (see :func:`~lowrank_kit.kernels.latent_attention.testing.make_problem`). ``head_order``:
+    None lays per-head latents out as the runtime does (packed for MHA), or "index" / "packed"."""
     from lowrank_kit.kernels.latent_attention.testing import make_problem
 
     m = MODELS[model] if isinstance(model, str) else model
@@ -114,7 +118,8 @@ def problem(
         qk_norm=m.get("qk_norm"),
         positions=positions,
         # As the runtime lays out an MHA model's per-head latents (ragged ranks packed into programs).
-        head_order="packed" if layout == "per_head" and m["num_heads"] == m["num_kv_heads"] else "index",
+        head_order=head_order
+        or ("packed" if layout == "per_head" and m["num_heads"] == m["num_kv_heads"] else "index"),
         seed=seed,
         device="cuda",
     )
@@ -224,7 +229,9 @@ def _error_vs_naive(p, config=None) -> float:
     return relative_error(out, naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends))
 
 
-def check_variant(model: str | dict[str, Any], ranks, *, int8: bool, layout: str) -> tuple[bool, float]:
+def check_variant(
+    model: str | dict[str, Any], ranks, *, int8: bool, layout: str, head_order: str | None = None
+) -> tuple[bool, float]:
     """Kernel vs naive twin on 1000 tokens, ragged rows and left padding, NaN-poisoned buffers."""
     worst = 0.0
     # Positions as in generation (slot minus left padding) and random up to 30000 (large angles).
@@ -240,6 +247,7 @@ def check_variant(model: str | dict[str, Any], ranks, *, int8: bool, layout: str
             lengths=[1000, 517, 1],
             left_pad=[0, 301, 999],
             positions=positions,
+            head_order=head_order,
         )
         worst = max(worst, _error_vs_naive(p))
     return worst < CHECK_TOL["int8" if int8 else "fp16"], worst
@@ -419,6 +427,15 @@ def run(
                     variants.append(
                         dict(model=model, rho=rho, ranks=mode, dtype=dt, layout="per_head", r=ranks)
                     )
+            if m["num_heads"] == hkv:
+                # Ragged heads laid out by index (before the runtime packed them): the packing's gain.
+                for dt in ("fp16", "int8"):
+                    variants.append(
+                        dict(
+                            model=model, rho=rho, ranks="ragged_index", dtype=dt, layout="per_head", r=rag,
+                            head_order="index",
+                        )
+                    )  # fmt: skip
             shared = ([round(rho * hkv * d)], [round(rho * hkv * d)])
             variants.append(
                 dict(model=model, rho=rho, ranks="shared", dtype="fp16", layout="shared", r=shared)
@@ -427,7 +444,13 @@ def run(
     for v in variants:
         key = f"{v['model']}|{v['rho']}|{v['ranks']}|{v['dtype']}"
         try:
-            ok, err = check_variant(models[v["model"]], v["r"], int8=v["dtype"] == "int8", layout=v["layout"])
+            ok, err = check_variant(
+                models[v["model"]],
+                v["r"],
+                int8=v["dtype"] == "int8",
+                layout=v["layout"],
+                head_order=v.get("head_order"),
+            )
         except Exception as exc:  # a compile or launch failure is a failed check, reported with its reason
             ok, err = False, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         res["checks"][key] = {"ok": ok, "rel_err": err}
@@ -473,7 +496,14 @@ def run(
                     continue  # 30x the reconstruction work of per-head latents: minutes at the big shapes
                 key = f"{v['model']}|{v['rho']}|{v['ranks']}|{v['dtype']}"
                 make = partial(
-                    problem, m, batch, length, v["r"], int8=v["dtype"] == "int8", layout=v["layout"]
+                    problem,
+                    m,
+                    batch,
+                    length,
+                    v["r"],
+                    int8=v["dtype"] == "int8",
+                    layout=v["layout"],
+                    head_order=v.get("head_order"),
                 )
                 p = make()
                 ps = [p] + [make(seed=i) for i in range(1, copies_for(p.latent_bytes()))]
