@@ -591,6 +591,7 @@ def run_e2e(
         del ids, ref, got
     res["check"] = check
     res["latent_backend"] = backend
+    res["per_head_programs"] = _per_head_programs(model, device, DTYPES[settings.dtype])
 
     for row in rows:
         ids = prompt_ids(model, row["batch"], row["context"], settings.seed)
@@ -628,6 +629,46 @@ def run_e2e(
     ]
     res["elapsed_s"] = time.perf_counter() - t_start
     return res
+
+
+def _per_head_programs(model, device: torch.device, dtype: torch.dtype) -> dict[str, Any] | None:
+    """Programs of the per-head kernel a decode step launches per row and split, summed over layers: with
+    the runtime's packed head order and with heads in index order (the layout before packing), next to the
+    lower bound of Σ widths / 128 columns. None where no layer runs the per-head kernel."""
+    from lowrank_kit.kernels.latent_attention.layout import HEADS_COLUMNS, HEADS_MAX
+    from lowrank_kit.runtime.attention import STATE_ATTR
+
+    state = getattr(model, STATE_ATTR, None)
+    if state is None:
+        return None
+    packed = index = bound = layers = 0
+    for rt in state.layers:
+        w = rt.factors.materialize(device, dtype).weights
+        heads = tuple(range(w.num_kv_heads))
+        if w.queries_per_kv != 1 or w.k_layout.head_group != heads or w.v_layout.head_group != heads:
+            continue
+        kw, vw = w.k_layout.widths, w.v_layout.widths
+        order = w.k_layout.order
+        packed += len(_head_runs([kw[g] for g in order], [vw[g] for g in order], HEADS_COLUMNS, HEADS_MAX))
+        index += len(_head_runs(list(kw), list(vw), HEADS_COLUMNS, HEADS_MAX))
+        bound += -(-max(sum(kw), sum(vw)) // HEADS_COLUMNS)
+        layers += 1
+    if not layers:
+        return None
+    return {"layers": layers, "packed_order": packed, "index_order": index, "lower_bound": bound}
+
+
+def _head_runs(k: list[int], v: list[int], columns: int, max_heads: int) -> list[int]:
+    """Head counts of the per-head kernel's programs: adjacent heads while K and V fit ``columns``
+    (the same greedy rule as ``kernels/latent_attention/triton.head_blocks``, without importing Triton)."""
+    runs, n, kc, vc = [], 0, 0, 0
+    for a, b in zip(k, v):
+        if n and (kc + a > columns or vc + b > columns or n == max_heads):
+            runs.append(n)
+            n, kc, vc = 0, 0, 0
+        n, kc, vc = n + 1, kc + a, vc + b
+    runs.append(n)
+    return runs
 
 
 def _rate(side: dict[str, Any]) -> str:

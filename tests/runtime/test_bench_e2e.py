@@ -31,6 +31,8 @@ def test_run_measures_both_sides_and_checks_the_latent_path():
     assert comp["ranks"]["k_proj"]["kind"] == "per_head"
     assert res["check"]["ok"] and res["check"]["max_rel_logit_diff"] < 1e-5  # fp32 on both sides
     assert res["latent_backend"] == "naive"
+    progs = res["per_head_programs"]  # MHA per-head latents: the per-head kernel's programs
+    assert progs["layers"] == 2 and progs["lower_bound"] <= progs["packed_order"] <= progs["index_order"]
     assert res["check"]["graph_max_rel_logit_diff"] < 1e-5  # graph-mode steps (eager on the CPU)
     (row,) = res["rows"]
     base, lat, eager = row["baseline"], row["latent"], row["latent_eager"]
@@ -133,3 +135,16 @@ def test_profile_decode_step_script_on_a_tiny_model(tmp_path, graph):
     assert res["settings"] == {"arch": "llava-next-7b", "batch": 2, "context": 256, "dtype": "float32"}
     assert res["baseline"]["mode"] == "eager"
     assert res["latent"]["mode"] == ("graph" if graph else "eager")
+
+
+def test_head_runs_follow_the_kernels_packing_rule():
+    """The benchmark's program count uses the kernel's greedy rule (checked against head_blocks)."""
+    from lowrank_kit.kernels.latent_attention.triton import head_blocks
+    from lowrank_kit.runtime.bench import _head_runs
+
+    for k, v in [
+        ((64,) * 6, (64,) * 6),
+        ((24, 48, 8, 136, 64, 64), (8, 8, 120, 8, 8, 72)),
+        ((8,) * 20, (8,) * 20),
+    ]:
+        assert _head_runs(list(k), list(v), 128, 16) == [n for _, n in head_blocks(k, v, 128, 16)]
