@@ -333,11 +333,11 @@ class LatentAttention:
                 f"layer {self.layer}: the cache holds {layer.batch} rows of {layer.format}; this step has {b} rows "
                 f"of {mat.format} (the model's dtype or batch changed mid-generation)"
             )
-        if layer.cursor is not None and (n != 1 or first):
+        if layer.cursor is not None and (n != 1 or first or not layer.cursor.in_step):
             raise LatentDecodeError(
-                f"layer {self.layer}: the cache is in graph mode (a device cursor steps one token at a time); "
-                f"this forward has {n} tokens per row{' on an empty cache' if first else ''}. Release the "
-                "decode graph (LatentDecodeGraph.close()) before prefilling or appending several tokens"
+                f"layer {self.layer}: the cache is held by a LatentDecodeGraph, which appends one token a step "
+                "at its device cursor; step it with graph.step(), or release it (graph.close()) before "
+                f"running the model on this cache yourself (this forward: {n} token(s) per row)"
             )
         positions = self.tap.token_positions(b, n, w.rope.num_positions)
         cos, sin = position_embeddings

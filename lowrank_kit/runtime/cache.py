@@ -56,6 +56,9 @@ class DeviceCursor:
 
     slot: torch.Tensor
     ends: torch.Tensor
+    # True while the graph's own step runs (eagerly or being captured); a forward into the cache at any
+    # other time would write at the cursor without advancing it, so the latent attention refuses it.
+    in_step: bool = False
 
     @classmethod
     def at(cls, length: int, batch: int, device: torch.device) -> DeviceCursor:

@@ -189,9 +189,13 @@ class LatentDecodeGraph:
 
     # -- stepping -------------------------------------------------------------------------------------
     def _body(self) -> torch.Tensor:
-        out = self._forward(
-            input_ids=self._ids, position_ids=self._pos, use_cache=True, **{self._kw: self.cache}
-        )
+        self._cursor.in_step = True
+        try:
+            out = self._forward(
+                input_ids=self._ids, position_ids=self._pos, use_cache=True, **{self._kw: self.cache}
+            )
+        finally:
+            self._cursor.in_step = False
         if self.output_type is None:
             self.output_type = type(out)
             names = {f.name for f in dataclasses.fields(out)} if dataclasses.is_dataclass(out) else set()

@@ -177,7 +177,12 @@ def test_errors():
     with pytest.raises(LatentDecodeError, match="position_ids of shape"):
         graph.step(torch.zeros(2, 1, dtype=torch.long), position_ids=torch.zeros(2, 1, dtype=torch.long))
         graph.step(torch.zeros(2, 1, dtype=torch.long), position_ids=torch.zeros(3, 2, 1, dtype=torch.long))
-    # An eager multi-token forward into a cache the graph holds is refused, not appended at a stale slot.
+    # A forward into a cache the graph holds (several tokens, or one outside graph.step) is refused, not
+    # written at the cursor without advancing it.
     kw = cache_kwarg(model)
-    with pytest.raises(LatentDecodeError, match="graph mode"), torch.no_grad():
-        model(input_ids=inputs["input_ids"][:, :3], use_cache=True, **{kw: cache})
+    for ids in (inputs["input_ids"][:, :3], inputs["input_ids"][:, :1]):
+        with pytest.raises(LatentDecodeError, match="held by a LatentDecodeGraph"), torch.no_grad():
+            model(input_ids=ids, use_cache=True, **{kw: cache})
+    graph.close()
+    with torch.no_grad():  # released: the cache decodes eagerly again
+        model(input_ids=inputs["input_ids"][:, :1], use_cache=True, **{kw: cache})
