@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import lowrank_kit
 
 EXPECTED = {
@@ -41,3 +43,13 @@ def test_import_is_light():
     code = "import sys, lowrank_kit; print(sorted(m for m in ('triton', 'transformers') if m in sys.modules))"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert res.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("module", ["bench", "bench_speed", "evaluate", "testbed", "reference", "main"])
+def test_each_cli_module_imports_on_its_own(module):
+    # The CLI modules import one another through `main`; any of them imported first (a test, a script,
+    # a plugin reusing a table helper) must work, not stop on a half-initialized module.
+    code = f"import lowrank_kit.cli.{module} as m; print(m.__name__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"lowrank_kit.cli.{module}"

@@ -73,25 +73,41 @@ def _e2e_table(res: dict[str, Any]) -> Table:
         title=f"end-to-end decode, {s['arch']} {s['dtype']}, {s['steps']} steps ({res['device']}); "
         f"{s['method']} ρ1={s['ratio']} → ρ2={res['compression']['rho2']:.3f}"
     )
-    for col in ("batch", "context", "HF tok/s", "latent tok/s", "speedup", "HF peak GiB", "latent peak GiB"):
+    rows = res["rows"]
+    graph = bool(s.get("graph"))
+    static = any("baseline_static_graph" in r for r in rows)
+    cols = ["batch", "context", "HF tok/s"]
+    cols += ["HF static+graph tok/s"] if static else []
+    cols += ["latent eager tok/s", "latent graph tok/s"] if graph else ["latent tok/s"]
+    cols += ["speedup"]
+    cols += ["speedup eager"] if graph else []
+    cols += ["vs static+graph"] if static else []
+    cols += ["HF peak GiB", "latent peak GiB"]
+    for col in cols:
         table.add_column(col, justify="right")
+    check_ok = res["check"].get("ok", False)
 
-    def rate(side: dict[str, Any]) -> str:
+    def rate(side: dict[str, Any] | None) -> str:
+        if side is None:
+            return "-"
         return "out of memory" if "error" in side else f"{side['decode_tokens_per_s']:.1f}"
+
+    def ratio(sp: float | None) -> str:
+        return f"{sp:.2f}×" if sp is not None else ("n/a" if check_ok else "n/a (check failed)")
 
     def peak(side: dict[str, Any]) -> str:
         n = side.get("peak_gpu_memory_bytes")
         return "-" if n is None else f"{n / 2**30:.1f}"
 
-    for r in res["rows"]:
-        b, lat = r["baseline"], r["latent"]
-        sp = r["speedup"]
-        check_ok = res["check"].get("ok", False)
-        table.add_row(
-            str(r["batch"]), str(r["context"]), rate(b), rate(lat),
-            f"{sp:.2f}×" if sp is not None else ("n/a" if check_ok else "n/a (check failed)"),
-            peak(b), peak(lat),
-        )  # fmt: skip
+    for r in rows:
+        cells = [str(r["batch"]), str(r["context"]), rate(r["baseline"])]
+        cells += [rate(r.get("baseline_static_graph"))] if static else []
+        cells += [rate(r["latent_eager"]), rate(r["latent"])] if graph else [rate(r["latent"])]
+        cells += [ratio(r["speedup"])]
+        cells += [ratio(r["speedup_eager"])] if graph else []
+        cells += [ratio(r.get("speedup_vs_static_graph"))] if static else []
+        cells += [peak(r["baseline"]), peak(r["latent"])]
+        table.add_row(*cells)
     return table
 
 
@@ -109,6 +125,18 @@ def speed(
     steps: int = typer.Option(32, "--steps", help="Timed decode steps of the end-to-end run."),
     kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Run the decode-attention benchmark."),
     e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Run the end-to-end decode benchmark."),
+    graph: bool = typer.Option(
+        True,
+        "--graph/--no-graph",
+        help="End to end: also replay the latent decode steps from a CUDA graph (the speedup's row); "
+        "eager steps are always timed.",
+    ),
+    static_baseline: bool = typer.Option(
+        True,
+        "--static-baseline/--no-static-baseline",
+        help="End to end: also time the uncompressed model with transformers' StaticCache replayed from a "
+        "CUDA graph, as a reference for what graph capture alone gives.",
+    ),
     time_budget: float = typer.Option(
         400.0, "--time-budget", help="Seconds after which the kernel benchmark stops adding shapes."
     ),
@@ -159,7 +187,15 @@ def speed(
     if e2e:
         from lowrank_kit.runtime.bench import E2ESettings, run_e2e
 
-        settings = E2ESettings(arch=arch, batch=batches[0], context=lengths[0], steps=steps, ratio=ratio)
+        settings = E2ESettings(
+            arch=arch,
+            batch=batches[0],
+            context=lengths[0],
+            steps=steps,
+            ratio=ratio,
+            graph=graph,
+            static_baseline=static_baseline,
+        )
         res = run_e2e(settings, shapes=[(b, n) for b in batches for n in lengths], say=say)
         (output / "e2e.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
         results["e2e"] = res

@@ -701,8 +701,14 @@ def summary_line(res: dict[str, Any]) -> str:
             verdict = "n/a: the latent check failed" if res["check"]["ran"] else "n/a: check not run"
         else:
             verdict = "n/a"
+        extra = ""
+        if s.get("graph") and row.get("speedup_eager") is not None:
+            extra += f"; eager steps {row['speedup_eager']:.2f}x"
+        if row.get("speedup_vs_static_graph") is not None:
+            extra += f"; vs StaticCache + CUDA graph {row['speedup_vs_static_graph']:.2f}x"
+        graphed = ", CUDA graph" if row["latent"].get("graph", {}).get("cuda_graph") else ""
         parts.append(
             f"B={row['batch']} ctx={row['context']}: HF {rate(row['baseline'])} vs {s['method']} "
-            f"ρ1={s['ratio']} latent ({res['latent_backend']}) {rate(row['latent'])} = {verdict}"
+            f"ρ1={s['ratio']} latent ({res['latent_backend']}{graphed}) {rate(row['latent'])} = {verdict}{extra}"
         )
     return f"decode_e2e {s['arch']} {s['dtype']} on {res['device']}: " + "; ".join(parts)

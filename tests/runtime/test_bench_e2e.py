@@ -1,10 +1,12 @@
 """The end-to-end decode benchmark (lowrank_kit.runtime.bench, benchmarks/decode_e2e.py) on a shrunk
 architecture on the CPU: what it measures, that a broken latent path reports no speedup, its errors."""
 
+import io
 import json
 
 import pytest
 import torch
+from rich.console import Console
 from script_helpers import load_benchmark_script
 
 import lowrank_kit.runtime.attention as attention
@@ -16,6 +18,16 @@ SMALL = dict(
     device="cpu", dtype="float32", layers=2, hidden_scale=16, batch=2, context=48, steps=3, warmup=1,
     calib_samples=2, calib_tokens=32,
 )  # fmt: skip
+
+
+def _e2e_table_text(res) -> str:
+    """The CLI's end-to-end table (`lowrank bench speed`) of ``res``, as text."""
+    from lowrank_kit.cli.bench_speed import _e2e_table
+
+    table = _e2e_table(res)
+    console = Console(width=250, record=True, file=io.StringIO())
+    console.print(table)
+    return console.export_text()
 
 
 def _script():
@@ -50,7 +62,15 @@ def test_run_measures_both_sides_and_checks_the_latent_path():
         assert side["prefill_s"] > 0 and side["last_tokens_finite"]
     assert row["speedup"] == pytest.approx(lat["decode_tokens_per_s"] / base["decode_tokens_per_s"])
     assert row["speedup_eager"] == pytest.approx(eager["decode_tokens_per_s"] / base["decode_tokens_per_s"])
-    assert "HF" in summary_line(res) and "latent (naive)" in summary_line(res)
+    line = summary_line(res)
+    assert "HF" in line and "latent (naive)" in line  # graph-mode steps ran eagerly on the CPU
+    assert f"eager steps {row['speedup_eager']:.2f}x" in line and "StaticCache" not in line
+    # The CLI's table shows every timed side: eager and graph-mode latent steps and both speedups.
+    table = _e2e_table_text(res)
+    for col in ("HF tok/s", "latent eager tok/s", "latent graph tok/s", "speedup eager"):
+        assert col in table
+    assert "static+graph" not in table  # no reference row was timed on the CPU
+    assert f"{row['speedup']:.2f}×" in table and f"{row['speedup_eager']:.2f}×" in table
 
 
 def test_a_broken_latent_path_fails_the_check_and_reports_no_speedup(monkeypatch, tmp_path):
