@@ -4,7 +4,7 @@
 # the decode-attention shape grid, and the testbed's quantization table on the GPU. Results land
 # in $OUT (JSON, test logs); copy them into benchmarks/results/ and commit them.
 #
-#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests target sweep e2e profile_graph grid quant]
+#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests target sweep e2e profile_graph grid grid_full quant]
 #   (default: tests e2e grid quant; CARD names the output files)
 #
 # The device image has torch/triton/transformers but not pydantic: wheels for its Python carried in
@@ -70,10 +70,15 @@ for p in "${parts[@]}"; do
     grid)
       step attention_grid 330 python3 benchmarks/attention_decode.py run --grid cross --time-budget 280 --rhos 0.5 0.9 \
         --out "$OUT/attention_decode_grid_$CARD.json" ;;
+    grid_full)  # the whole grid: every batch x length at rho2 0.9 / 0.7 / 0.5, one model per command
+      for m in llava-next-7b qwen2-vl-7b; do
+        step "attention_grid_full_$m" 590 python3 benchmarks/attention_decode.py run --grid full --models "$m" \
+          --time-budget 520 --rhos 0.5 0.7 0.9 --out "$OUT/attention_decode_grid_full_${m}_$CARD.json"
+      done ;;
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
         --output "$OUT/quant_accuracy_testbed_$CARD.json" --table "$OUT/quant_accuracy_table.md" ;;
-    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, target, sweep, e2e, profile_graph, grid, quant)"; exit 2 ;;
+    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, target, sweep, e2e, profile_graph, grid, grid_full, quant)"; exit 2 ;;
   esac
 done
 exit $status

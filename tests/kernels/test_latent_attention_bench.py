@@ -21,3 +21,28 @@ def test_shape_of_a_qk_norm_gqa_preset():
 def test_unknown_alias():
     with pytest.raises(UnknownNameError, match=r"unknown model alias 'llava'; available: .*llava-next-7b"):
         attention_shape("llava")
+
+
+def test_run_command_passes_the_chosen_models_and_grid(monkeypatch):
+    import sys
+
+    import torch
+
+    import lowrank_kit.kernels.latent_attention.bench as bench
+
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        bench, "run", lambda args, models, rhos, say: seen.update(args=args, models=models, rhos=rhos)
+    )
+    argv = ["attention_decode.py", "run", "--out", "x.json", "--grid", "full", "--models", "qwen2-vl-7b"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--rhos", "0.5", "0.7"])
+    bench.main()
+    assert seen["models"] == {"qwen2-vl-7b": MODELS["qwen2-vl-7b"]} and seen["rhos"] == (0.5, 0.7)
+    assert seen["args"].grid == "full" and seen["args"].batches == [1, 4, 16, 64]
+    monkeypatch.setattr(sys, "argv", [*argv[:3], "x.json"])
+    bench.main()
+    assert list(seen["models"]) == list(MODELS)  # every shape by default
+    monkeypatch.setattr(sys, "argv", [*argv[:5], "--models", "llava"])
+    with pytest.raises(SystemExit):  # argparse: invalid choice, listing the valid ones
+        bench.main()

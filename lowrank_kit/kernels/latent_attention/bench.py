@@ -713,6 +713,13 @@ def main() -> None:
     r.add_argument(
         "--time-budget", type=float, default=400.0, help="stop the shape grid after this many seconds"
     )
+    r.add_argument(
+        "--models",
+        nargs="+",
+        choices=tuple(MODELS),
+        default=list(MODELS),
+        help="attention shapes to time (default all); the launch sweep ignores it",
+    )
     p = sub.add_parser("plot", help="write docs/kernel_latency.png and docs/kernel_table.md from a JSON file")
     p.add_argument("json")
     p.add_argument("docs")
@@ -720,7 +727,8 @@ def main() -> None:
     if args.cmd == "run":
         if not torch.cuda.is_available():
             sys.exit("attention_decode.py run needs a CUDA GPU")
-        run(args, rhos=tuple(args.rhos), say=partial(print, flush=True))
+        models = {name: MODELS[name] for name in dict.fromkeys(args.models)}
+        run(args, models=models, rhos=tuple(args.rhos), say=partial(print, flush=True))
     else:
         plot(args)
 
