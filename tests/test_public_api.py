@@ -47,7 +47,7 @@ def test_import_is_light():
 
 @pytest.mark.parametrize("module", ["bench", "bench_speed", "evaluate", "testbed", "reference", "main"])
 def test_each_cli_module_imports_on_its_own(module):
-    # The CLI modules import one another through `main`; any of them imported first (a test, a script,
+    # The CLI modules import one another (shared pieces in `common`); any of them imported first (a test, a script,
     # a plugin reusing a table helper) must work, not stop on a half-initialized module.
     code = f"import lowrank_kit.cli.{module} as m; print(m.__name__)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from lowrank_kit.cli.common import RATIO_HELP, _Group, _parse_dtype, err_console, out, print_json
 from lowrank_kit.cli.evaluate import (
     O_DEVICE,
     O_DTYPE,
@@ -17,7 +18,6 @@ from lowrank_kit.cli.evaluate import (
     O_TOKENS,
     eval_cache,
 )
-from lowrank_kit.cli.main import RATIO_HELP, _Group, _parse_dtype, err_console, out, print_json
 
 bench_app = typer.Typer(
     cls=_Group, help="Head-to-head benchmarks: accuracy grids, decode speed.", no_args_is_help=True

@@ -18,7 +18,7 @@ import typer
 from rich.table import Table
 
 from lowrank_kit.cli.bench import bench_app
-from lowrank_kit.cli.main import err_console, out, print_json
+from lowrank_kit.cli.common import err_console, out, print_json
 from lowrank_kit.errors import LowRankError
 
 
@@ -76,15 +76,6 @@ def _e2e_table(res: dict[str, Any]) -> Table:
     rows = res["rows"]
     graph = bool(s.get("graph"))
     static = any("baseline_static_graph" in r for r in rows)
-    cols = ["batch", "context", "HF tok/s"]
-    cols += ["HF static+graph tok/s"] if static else []
-    cols += ["latent eager tok/s", "latent graph tok/s"] if graph else ["latent tok/s"]
-    cols += ["speedup"]
-    cols += ["speedup eager"] if graph else []
-    cols += ["vs static+graph"] if static else []
-    cols += ["HF peak GiB", "latent peak GiB"]
-    for col in cols:
-        table.add_column(col, justify="right")
     check_ok = res["check"].get("ok", False)
 
     def rate(side: dict[str, Any] | None) -> str:
@@ -99,15 +90,26 @@ def _e2e_table(res: dict[str, Any]) -> Table:
         n = side.get("peak_gpu_memory_bytes")
         return "-" if n is None else f"{n / 2**30:.1f}"
 
+    # (column, cell of a row, shown): the graph columns only when the run replayed graphs, the reference's
+    # only when it was timed.
+    columns = [
+        ("batch", lambda r: str(r["batch"]), True),
+        ("context", lambda r: str(r["context"]), True),
+        ("HF tok/s", lambda r: rate(r["baseline"]), True),
+        ("HF static+graph tok/s", lambda r: rate(r.get("baseline_static_graph")), static),
+        ("latent eager tok/s", lambda r: rate(r["latent_eager"]), graph),
+        ("latent graph tok/s" if graph else "latent tok/s", lambda r: rate(r["latent"]), True),
+        ("speedup", lambda r: ratio(r["speedup"]), True),
+        ("speedup eager", lambda r: ratio(r["speedup_eager"]), graph),
+        ("vs static+graph", lambda r: ratio(r.get("speedup_vs_static_graph")), static),
+        ("HF peak GiB", lambda r: peak(r["baseline"]), True),
+        ("latent peak GiB", lambda r: peak(r["latent"]), True),
+    ]
+    columns = [(name, cell) for name, cell, shown in columns if shown]
+    for name, _ in columns:
+        table.add_column(name, justify="right")
     for r in rows:
-        cells = [str(r["batch"]), str(r["context"]), rate(r["baseline"])]
-        cells += [rate(r.get("baseline_static_graph"))] if static else []
-        cells += [rate(r["latent_eager"]), rate(r["latent"])] if graph else [rate(r["latent"])]
-        cells += [ratio(r["speedup"])]
-        cells += [ratio(r["speedup_eager"])] if graph else []
-        cells += [ratio(r.get("speedup_vs_static_graph"))] if static else []
-        cells += [peak(r["baseline"]), peak(r["latent"])]
-        table.add_row(*cells)
+        table.add_row(*(cell(r) for _, cell in columns))
     return table
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from lowrank_kit.cli.main import _parse_dtype, err_console, out, print_json
+from lowrank_kit.cli.common import _parse_dtype, err_console, out, print_json
 
 BACKENDS = ("native", "vlmeval")
 

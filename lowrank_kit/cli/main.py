@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
-from typer.core import TyperGroup
 
-from lowrank_kit.errors import LowRankError
-
-
-class _Group(TyperGroup):
-    """Turns every :class:`LowRankError` into one ``Error: ...`` line and a non-zero exit, no traceback."""
-
-    def invoke(self, ctx: Any) -> Any:
-        try:
-            return super().invoke(ctx)
-        except LowRankError as err:
-            typer.echo(f"Error: {err}", err=True)
-            raise typer.Exit(2) from None
-
+from lowrank_kit.cli.bench import bench_app
+from lowrank_kit.cli.bench_speed import speed as _bench_speed  # noqa: F401  (registers `bench speed`)
+from lowrank_kit.cli.common import RATIO_HELP, _Group, _parse_dtype, err_console, out, print_json
+from lowrank_kit.cli.evaluate import eval_command
+from lowrank_kit.cli.testbed import testbed_app
 
 app = typer.Typer(
     cls=_Group,
@@ -36,15 +25,6 @@ app = typer.Typer(
 )
 recipe_app = typer.Typer(cls=_Group, help="Inspect recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-
-out = Console()
-err_console = Console(stderr=True)
-
-RATIO_HELP = "ρ1: fraction of the targeted parameters kept, in (0, 1] (0.6 keeps 60%)."
-
-
-def print_json(data: Any) -> None:
-    typer.echo(json.dumps(data, indent=2, default=str))
 
 
 def _build_recipe(
@@ -268,26 +248,6 @@ def compress(
         out.print(_summary_table(report))
 
 
-def _parse_dtype(name: str | None):
-    import torch
-
-    if name is None:
-        return None
-    table = {
-        "float32": torch.float32,
-        "fp32": torch.float32,
-        "float16": torch.float16,
-        "fp16": torch.float16,
-        "bfloat16": torch.bfloat16,
-        "bf16": torch.bfloat16,
-    }
-    if name not in table:
-        from lowrank_kit.errors import unknown_name
-
-        raise unknown_name("dtype", name, ["float32", "float16", "bfloat16"])
-    return table[name]
-
-
 @app.command()
 def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the registered decomposers and quantizers."""
@@ -382,13 +342,7 @@ def recipe_show(
         typer.echo(r.to_yaml(), nl=False)
 
 
-# -- command groups defined in their own modules ------------------------------------------------------
-# Each module defines its commands on its own typer app (or function); this block adds them to `lowrank`.
-from lowrank_kit.cli.bench import bench_app  # noqa: E402
-from lowrank_kit.cli.bench_speed import speed as _bench_speed  # noqa: E402, F401  (registers `bench speed`)
-from lowrank_kit.cli.evaluate import eval_command  # noqa: E402
-from lowrank_kit.cli.testbed import testbed_app  # noqa: E402
-
+# Command groups defined in their own modules, added to `lowrank`.
 app.command("eval")(eval_command)
 app.add_typer(bench_app, name="bench")
 app.add_typer(testbed_app, name="testbed")

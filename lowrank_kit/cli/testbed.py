@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from lowrank_kit.cli.main import _Group, err_console, out, print_json
+from lowrank_kit.cli.common import _Group, err_console, out, print_json
 
 testbed_app = typer.Typer(
     cls=_Group,

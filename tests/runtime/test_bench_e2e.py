@@ -10,6 +10,7 @@ from rich.console import Console
 from script_helpers import load_benchmark_script
 
 import lowrank_kit.runtime.attention as attention
+from lowrank_kit.cli.bench_speed import _e2e_table
 from lowrank_kit.errors import LowRankError
 from lowrank_kit.runtime.bench import E2ESettings, run_e2e, shrunk_config, summary_line
 
@@ -22,8 +23,6 @@ SMALL = dict(
 
 def _e2e_table_text(res) -> str:
     """The CLI's end-to-end table (`lowrank bench speed`) of ``res``, as text."""
-    from lowrank_kit.cli.bench_speed import _e2e_table
-
     table = _e2e_table(res)
     console = Console(width=250, record=True, file=io.StringIO())
     console.print(table)
