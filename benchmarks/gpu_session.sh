@@ -4,7 +4,7 @@
 # the decode-attention shape grid, and the testbed's quantization table on the GPU. Results land
 # in $OUT (JSON, test logs); copy them into benchmarks/results/ and commit them.
 #
-#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests target sweep e2e profile_graph grid grid_full quant]
+#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests target sweep occupancy e2e profile_graph grid grid_full grid_full_llava grid_full_qwen quant]
 #   (default: tests e2e grid quant; CARD names the output files)
 #
 # The device image has torch/triton/transformers but not pydantic: wheels for its Python carried in
@@ -53,7 +53,7 @@ for p in "${parts[@]}"; do
       step gpu_tests 170 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention_gpu.py \
         tests/runtime/test_generate_gpu.py tests/testbed/test_generator.py ;;
     kernel_tests)
-      step kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention_gpu.py ;;
+      step kernel_tests 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention_gpu.py ;;
     runtime_tests)
       step runtime_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/runtime/test_generate_gpu.py ;;
     target)
@@ -62,6 +62,10 @@ for p in "${parts[@]}"; do
     sweep)
       step attention_sweep 400 python3 benchmarks/attention_decode.py run --sweep --batches 16 --lengths 8192 \
         --rhos 0.5 --time-budget 360 --out "$OUT/attention_decode_target_$CARD.json" ;;
+    occupancy)  # register caps and split lengths of the per-head kernel at the target shape (fp16, int8)
+      step attention_occupancy 330 python3 benchmarks/attention_decode.py run --sweep \
+        --sweep-classes occupancy occupancy_int8 --models llava-next-7b --batches 16 --lengths 8192 \
+        --rhos 0.5 --time-budget 300 --out "$OUT/attention_decode_occupancy_$CARD.json" ;;
     e2e)
       step decode_e2e 390 python3 benchmarks/decode_e2e.py --output "$OUT/decode_e2e_llava-next-7b_$CARD.json" ;;
     profile_graph)
@@ -73,12 +77,18 @@ for p in "${parts[@]}"; do
     grid_full)  # the whole grid: every batch x length at rho2 0.9 / 0.7 / 0.5, one model per command
       for m in llava-next-7b qwen2-vl-7b; do
         step "attention_grid_full_$m" 590 python3 benchmarks/attention_decode.py run --grid full --models "$m" \
-          --time-budget 520 --rhos 0.5 0.7 0.9 --out "$OUT/attention_decode_grid_full_${m}_$CARD.json"
+          --time-budget 520 --rhos 0.5 0.7 0.9 --skip-index-order \
+          --out "$OUT/attention_decode_grid_full_${m}_$CARD.json"
       done ;;
+    grid_full_llava|grid_full_qwen)  # one model of grid_full (each takes most of a 10-minute device command)
+      m=$([ "$p" = grid_full_llava ] && echo llava-next-7b || echo qwen2-vl-7b)
+      step "attention_grid_full_$m" 560 python3 benchmarks/attention_decode.py run --grid full --models "$m" \
+        --time-budget "${GRID_BUDGET:-500}" --rhos 0.5 0.7 0.9 --skip-index-order \
+        --out "$OUT/attention_decode_grid_full_${m}_$CARD.json" ;;
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
         --output "$OUT/quant_accuracy_testbed_$CARD.json" --table "$OUT/quant_accuracy_table.md" ;;
-    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, target, sweep, e2e, profile_graph, grid, grid_full, quant)"; exit 2 ;;
+    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, target, sweep, occupancy, e2e, profile_graph, grid, grid_full, grid_full_llava, grid_full_qwen, quant)"; exit 2 ;;
   esac
 done
 exit $status

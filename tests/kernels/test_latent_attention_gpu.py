@@ -122,6 +122,37 @@ def test_heads_per_program_at_model_size(heads_per_program, positions):
 
 
 @pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize(
+    "heads_per_program, block_n, stages, maxnreg", [(2, 64, 1, 168), (2, 32, 2, 168), (1, 64, 2, 128)]
+)
+def test_register_capped_launch_at_model_size(heads_per_program, block_n, stages, maxnreg, int8):
+    """Launches whose register cap makes ptxas spill (maxnreg) give the same result as the naive twin."""
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    p = make_problem(
+        seed=4,
+        device="cuda",
+        batch=2,
+        **LLAVA,
+        k_ranks=[64] * 32,
+        v_ranks=[64] * 32,
+        lengths=[8192, 1000],
+        left_pad=[0, 77],
+        dtype=torch.float16,
+        int8=int8,
+    )
+    cfg = triton_impl.LaunchConfig(block_n, 4, stages, 0, 0, 0, heads_per_program, maxnreg=maxnreg)
+    out = torch.full((2, 32, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype)
+    triton_impl.latent_attention_decode(
+        p.q, p.kv, p.w, p.starts, p.ends, config=cfg, out=out, poison_workspace=True
+    )
+    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
+    assert torch.isfinite(out).all()
+    err = relative_error(out, ref)
+    assert err < TOL[torch.float16], f"{cfg}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("int8", [False, True])
 def test_ragged_ranks_in_packed_order_at_model_size(int8):
     """The allocator's ragged ranks over 32 heads in the runtime's packed row order (programs of heads
     that are not adjacent by index), as the end-to-end benchmark's compressed model lays them out."""

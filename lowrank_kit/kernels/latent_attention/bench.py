@@ -264,13 +264,38 @@ def kernel_fn(p, max_len: int, config=None):
     return fn
 
 
-# Launch sweep: (heads per program, block_n, num_warps, num_stages) for the per-head kernel (0 heads
-# per program = the grouped kernel). Per class, the grouped kernel's table entry is the baseline.
+# Launch sweep: (heads per program, block_n, num_warps, num_stages[, maxnreg[, split_len]]) for the
+# per-head kernel (0 heads per program = the grouped kernel). Per class, the grouped kernel's table entry
+# is the baseline. "occupancy": register caps that fit three or four programs per SM (with the shared
+# memory each needs, compiled for sm_90: 2 heads, BN 64, 1 stage 55 KB; BN 32, 2 stages 63 KB; 1 head,
+# BN 64, 2 stages 45 KB) against the table's launch, and split lengths around the default (3 splits).
 _HEADS_SWEEP = {
     "fp16": [(hb, *cfg) for hb in (1, 2, 4) for cfg in ((64, 4, 2), (64, 4, 3), (128, 8, 2), (64, 8, 2))],
     "int8": [(hb, *cfg) for hb in (1, 2) for cfg in ((64, 4, 2), (64, 4, 3), (128, 8, 2), (64, 8, 2))],
     "ragged": [(hb, *cfg) for hb in (1, 2) for cfg in ((64, 4, 2), (128, 8, 2), (64, 8, 2))],
     "wide": [(1, 64, 4, 2), (1, 128, 8, 2), (1, 64, 8, 2), (2, 64, 8, 2)],
+    "occupancy": [
+        (2, 64, 4, 2),
+        (2, 64, 4, 2, 0, 1024),
+        (2, 64, 4, 2, 0, 4096),
+        (2, 64, 4, 2, 168),
+        (2, 64, 4, 1, 168),
+        (2, 64, 4, 1, 168, 1024),
+        (2, 32, 4, 2, 168),
+        (2, 32, 4, 2, 168, 1024),
+        (1, 64, 4, 2),
+        (1, 64, 4, 2, 128),
+        (1, 64, 4, 2, 128, 1024),
+        (1, 64, 4, 3, 128),
+    ],
+    "occupancy_int8": [
+        (2, 64, 4, 2),
+        (2, 64, 4, 2, 168),
+        (2, 64, 4, 2, 168, 1024),
+        (1, 64, 4, 2),
+        (1, 64, 4, 2, 128),
+        (1, 64, 4, 2, 128, 1024),
+    ],
 }
 SWEEP_CLASSES = (
     # (model, ρ2, dtype, ranks, configs)
@@ -279,7 +304,15 @@ SWEEP_CLASSES = (
     ("llava-next-7b", 0.5, "fp16", "ragged", "ragged"),
     ("llava-next-7b", 0.9, "fp16", "uniform", "wide"),
     ("qwen2-vl-7b", 0.5, "fp16", "uniform", None),
+    ("llava-next-7b", 0.5, "fp16", "uniform", "occupancy"),
+    ("llava-next-7b", 0.5, "int8", "uniform", "occupancy_int8"),
 )
+
+
+def _sweep_entry(c: tuple[int, ...]) -> tuple[int, int, int, int, int, int]:
+    """A sweep entry with its optional maxnreg and split length (0: the compiler's, the launcher's)."""
+    hb, bn, warps, stages, maxnreg, split = (*c, 0, 0)[:6]
+    return hb, bn, warps, stages, maxnreg, split
 
 
 def _config_ok(model: str, ranks, int8: bool, cfg) -> tuple[bool, float]:
@@ -327,8 +360,8 @@ def sweep(
             triton_impl.grouped_launch_config(b, hkv, 8192, p.w, p.q.device), split_len=0
         )
         candidates = [base] + [
-            triton_impl.LaunchConfig(bn, warps, stages, 0, 0, 0, hb)
-            for hb, bn, warps, stages in (_HEADS_SWEEP[configs] if configs else ())
+            triton_impl.LaunchConfig(bn, warps, stages, 0, 0, split, hb, maxnreg=maxnreg)
+            for hb, bn, warps, stages, maxnreg, split in map(_sweep_entry, _HEADS_SWEEP.get(configs, ()))
         ]
         for cfg in candidates:
             row = dict(
@@ -342,6 +375,8 @@ def sweep(
                 block_n=cfg.block_n,
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
+                maxnreg=cfg.maxnreg,
+                split_len=cfg.split_len,
             )
             try:
                 ok, err = _config_ok(model, ranks, int8, cfg)
@@ -427,7 +462,7 @@ def run(
                     variants.append(
                         dict(model=model, rho=rho, ranks=mode, dtype=dt, layout="per_head", r=ranks)
                     )
-            if m["num_heads"] == hkv:
+            if m["num_heads"] == hkv and not getattr(args, "skip_index_order", False):
                 # Ragged heads laid out by index (before the runtime packed them): the packing's gain.
                 for dt in ("fp16", "int8"):
                     variants.append(
@@ -697,7 +732,7 @@ def main() -> None:
     r.add_argument(
         "--sweep-classes",
         nargs="+",
-        choices=("fp16", "int8", "ragged", "wide", "grouped"),
+        choices=(*_HEADS_SWEEP, "grouped"),
         default=None,
         help="time only these sweep classes (grouped: Qwen2-VL on the grouped kernel); default all",
     )
@@ -712,6 +747,11 @@ def main() -> None:
     )
     r.add_argument(
         "--time-budget", type=float, default=400.0, help="stop the shape grid after this many seconds"
+    )
+    r.add_argument(
+        "--skip-index-order",
+        action="store_true",
+        help="leave out the ragged_index variants (ragged heads by index, the layout before packing)",
     )
     r.add_argument(
         "--models",

@@ -579,6 +579,9 @@ class LaunchConfig:
     scores a run of at most that many consecutive KV heads whose K and V latents fit ``columns`` columns
     (:func:`head_blocks`); ``rank_chunk`` / ``v_chunk`` are ignored. 0 selects the grouped kernel, which
     rebuilds K in ``rank_chunk``-row chunks and accumulates V in ``v_chunk``-wide chunks.
+
+    ``maxnreg`` > 0 caps the registers a thread may use (ptxas spills what does not fit), trading spills
+    for more resident programs per SM; 0 leaves the choice to the compiler. Ignored off CUDA.
     """
 
     block_n: int
@@ -589,6 +592,7 @@ class LaunchConfig:
     split_len: int = 0
     heads_per_program: int = 0
     columns: int = 128
+    maxnreg: int = 0
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -628,10 +632,11 @@ _TABLE: tuple[tuple[int, int, tuple[int, int, int]], ...] = (
 # the launch sweep of benchmarks/attention_decode.py on an H100 (docs/kernel.md): 128 columns, 64-token
 # tiles, 4 warps and 2 stages measured fastest (two rank-64 heads: 442 µs at B=16, 8192 tokens, against
 # 543-871 µs with 8 warps, 542-629 µs with one head and 546 µs with four heads a program).
-_HEADS_TABLE: tuple[tuple[int, tuple[int, int, int]], ...] = (
-    (128, (64, 4, 2)),
-    (256, (64, 8, 2)),
-    (1 << 30, (32, 8, 2)),
+# Entries: (block_n, num_warps, num_stages, maxnreg); maxnreg 0 leaves registers to the compiler.
+_HEADS_TABLE: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
+    (128, (64, 4, 2, 0)),
+    (256, (64, 8, 2, 0)),
+    (1 << 30, (32, 8, 2, 0)),
 )
 
 
@@ -706,11 +711,11 @@ def heads_launch_config(
     max_heads = heads_per_program if heads_per_program > 0 else HEADS_MAX
     geo = _head_geometry(*_row_widths(w), columns, max_heads)
     if device.type != "cuda":
-        block_n, warps, stages = 16, 4, 1
+        block_n, warps, stages, maxnreg = 16, 4, 1, 0
     else:
-        block_n, warps, stages = next(cfg for limit, cfg in _HEADS_TABLE if geo.k_columns <= limit)
+        block_n, warps, stages, maxnreg = next(cfg for limit, cfg in _HEADS_TABLE if geo.k_columns <= limit)
     split_len = _split_len(batch, len(geo.blocks), max_len, block_n, device)
-    return LaunchConfig(block_n, warps, stages, 0, 0, split_len, max_heads, columns)
+    return LaunchConfig(block_n, warps, stages, 0, 0, split_len, max_heads, columns, maxnreg)
 
 
 def launch_config(
@@ -936,6 +941,8 @@ def latent_attention_decode(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if cfg.maxnreg > 0 and q.is_cuda and not interpreting():
+        flags["maxnreg"] = cfg.maxnreg
     if heads_kernel:
         # The query-side RoPE tiles (cos/sin, the folded up-projections, the per-column products) are
         # fp16 dot operands whatever the 16-bit cache dtype (HF itself casts cos/sin to the model
