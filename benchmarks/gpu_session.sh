@@ -4,7 +4,7 @@
 # the decode-attention shape grid, and the testbed's quantization table on the GPU. Results land
 # in $OUT (JSON, test logs); copy them into benchmarks/results/ and commit them.
 #
-#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests target sweep occupancy e2e profile_graph grid grid_full grid_full_llava grid_full_qwen quant]
+#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests target sweep occupancy gqa_sweep e2e profile_graph grid grid_full grid_full_llava grid_full_qwen quant]
 #   (default: tests e2e grid quant; CARD names the output files)
 #
 # The device image has torch/triton/transformers but not pydantic: wheels for its Python carried in
@@ -66,6 +66,10 @@ for p in "${parts[@]}"; do
       step attention_occupancy 330 python3 benchmarks/attention_decode.py run --sweep \
         --sweep-classes occupancy occupancy_int8 --models llava-next-7b --batches 16 --lengths 8192 \
         --rhos 0.5 --time-budget 300 --out "$OUT/attention_decode_occupancy_$CARD.json" ;;
+    gqa_sweep)  # launch configurations of the grouped kernel on Qwen2-VL's GQA shape (batch 64, 8192 tokens)
+      step attention_gqa_sweep 300 python3 benchmarks/attention_decode.py run --sweep --sweep-classes grouped_gqa \
+        --models qwen2-vl-7b --batches 64 16 --lengths 8192 --rhos 0.5 --time-budget 260 \
+        --out "$OUT/attention_decode_gqa_sweep_$CARD.json" ;;
     e2e)
       step decode_e2e 390 python3 benchmarks/decode_e2e.py --output "$OUT/decode_e2e_llava-next-7b_$CARD.json" ;;
     profile_graph)
@@ -88,7 +92,7 @@ for p in "${parts[@]}"; do
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
         --output "$OUT/quant_accuracy_testbed_$CARD.json" --table "$OUT/quant_accuracy_table.md" ;;
-    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, target, sweep, occupancy, e2e, profile_graph, grid, grid_full, grid_full_llava, grid_full_qwen, quant)"; exit 2 ;;
+    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, target, sweep, occupancy, gqa_sweep, e2e, profile_graph, grid, grid_full, grid_full_llava, grid_full_qwen, quant)"; exit 2 ;;
   esac
 done
 exit $status

@@ -46,3 +46,66 @@ def test_run_command_passes_the_chosen_models_and_grid(monkeypatch):
     monkeypatch.setattr(sys, "argv", [*argv[:5], "--models", "llava"])
     with pytest.raises(SystemExit):  # argparse: invalid choice, listing the valid ones
         bench.main()
+
+
+def _result(device, model, rows, skipped=()):
+    base = dict(model=model, heads=32, kv_heads=32, head_dim=128)
+    out = []
+    for batch, length, sdpa_us, latent_us in rows:
+        shape = dict(base, batch=batch, length=length)
+        out.append(dict(shape, impl="sdpa", us=sdpa_us, best_backend="cudnn", GB_s=1.0, frac_copy=0.9))
+        out.append(
+            dict(
+                shape,
+                impl="latent",
+                rho=0.5,
+                ranks="uniform",
+                dtype="fp16",
+                us=latent_us,
+                GB_s=1.0,
+                frac_copy=0.8,
+                speedup_vs_best_sdpa=None if latent_us is None else sdpa_us / latent_us,
+            )
+        )
+        if latent_us is None:
+            out[-1]["us"] = 1.0  # a variant whose check failed is timed but reports no speedup
+    return dict(device=device, copy_TB_s=3.0, rows=out, skipped=list(skipped))
+
+
+def test_plot_merges_per_model_files_into_one_table_and_figure(tmp_path, monkeypatch):
+    import json
+    import sys
+
+    import lowrank_kit.kernels.latent_attention.bench as bench
+
+    a = tmp_path / "llava.json"
+    b = tmp_path / "qwen.json"
+    a.write_text(
+        json.dumps(
+            _result(
+                "H100",
+                "llava-next-7b",
+                [(16, 1024, 90.0, 75.0), (16, 8192, 700.0, 450.0), (64, 1024, 350.0, None)],
+                skipped=["llava-next-7b B=64 S=8192: full K/V 8.6 GB > --max-kv-gb 5"],
+            )
+        )
+    )
+    b.write_text(
+        json.dumps(_result("H100", "qwen2-vl-7b", [(16, 1024, 18.0, 20.0), (16, 8192, 94.0, 115.0)]))
+    )
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    monkeypatch.setattr(sys, "argv", ["attention_decode.py", "plot", str(a), str(b), str(docs)])
+    bench.main()
+    table = (docs / "kernel_table.md").read_text()
+    assert (docs / "kernel_latency.png").stat().st_size > 0
+    assert "**llava-next-7b, ρ2 = 0.5, uniform ranks, fp16 latents**" in table
+    assert "**qwen2-vl-7b, ρ2 = 0.5, uniform ranks, fp16 latents**" in table
+    assert "| 16 | 1.20× (80%) | 1.56× (80%) |" in table  # 90/75 and 700/450
+    assert "| 64 | check failed | — |" in table  # a failed check and a shape the run skipped
+    assert "full K/V 8.6 GB > --max-kv-gb 5" in table
+    assert "| qwen2-vl-7b | 16 | 8192 | latent | 0.5 | uniform | fp16 | 115.0 |" in table
+
+    b.write_text(json.dumps(_result("H200", "qwen2-vl-7b", [(16, 1024, 18.0, 20.0)])))
+    with pytest.raises(SystemExit, match="different devices"):
+        bench.main()

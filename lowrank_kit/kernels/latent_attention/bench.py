@@ -288,6 +288,21 @@ _HEADS_SWEEP = {
         (1, 64, 4, 2, 128, 1024),
         (1, 64, 4, 3, 128),
     ],
+    # The grouped kernel on Qwen2-VL's GQA shape (0 heads a program): tiles, warps, stages, register caps
+    # (255 registers and a small spill uncapped, 73 KB shared: a cap of 168 fits three programs per SM).
+    "grouped_gqa": [
+        (0, 64, 4, 2),
+        (0, 64, 4, 4),
+        (0, 32, 4, 3),
+        (0, 32, 4, 4),
+        (0, 128, 8, 3),
+        (0, 64, 8, 3),
+        (0, 64, 4, 3, 168),
+        (0, 64, 4, 2, 168),
+        (0, 32, 4, 3, 168),
+        (0, 64, 4, 3, 0, 512),
+        (0, 64, 4, 3, 0, 2048),
+    ],
     "occupancy_int8": [
         (2, 64, 4, 2),
         (2, 64, 4, 2, 168),
@@ -306,6 +321,7 @@ SWEEP_CLASSES = (
     ("qwen2-vl-7b", 0.5, "fp16", "uniform", None),
     ("llava-next-7b", 0.5, "fp16", "uniform", "occupancy"),
     ("llava-next-7b", 0.5, "int8", "uniform", "occupancy_int8"),
+    ("qwen2-vl-7b", 0.5, "fp16", "uniform", "grouped_gqa"),
 )
 
 
@@ -360,7 +376,12 @@ def sweep(
             triton_impl.grouped_launch_config(b, hkv, 8192, p.w, p.q.device), split_len=0
         )
         candidates = [base] + [
-            triton_impl.LaunchConfig(bn, warps, stages, 0, 0, split, hb, maxnreg=maxnreg)
+            # 0 heads a program: the grouped kernel with the base's rank and V chunks.
+            dataclasses.replace(
+                base, block_n=bn, num_warps=warps, num_stages=stages, split_len=split, maxnreg=maxnreg
+            )
+            if hb == 0
+            else triton_impl.LaunchConfig(bn, warps, stages, 0, 0, split, hb, maxnreg=maxnreg)
             for hb, bn, warps, stages, maxnreg, split in map(_sweep_entry, _HEADS_SWEEP.get(configs, ()))
         ]
         for cfg in candidates:
@@ -500,6 +521,9 @@ def run(
         for batch, length in grid_shapes(args):
             full_bytes = 2 * batch * hkv * length * d * 2
             if full_bytes > args.max_kv_gb * 1e9:
+                res.setdefault("skipped", []).append(
+                    f"{model} B={batch} S={length}: full K/V {full_bytes / 1e9:.1f} GB > --max-kv-gb {args.max_kv_gb}"
+                )
                 continue
             if time.time() - t0 > args.time_budget:
                 res["truncated"] = f"stopped at {model} B={batch} S={length}: time budget {args.time_budget}s"
@@ -622,77 +646,131 @@ def summarize(res: dict[str, Any], say=print) -> None:
         say(f"TARGET sdpa best {sd[0]['best_backend']}: {sd[0]['us']:.1f} us  backends {sd[0]['backends']}")
 
 
-# -- docs: table and plot from a JSON file ----------------------------------------------------------------
+# -- docs: table and plot from JSON files -----------------------------------------------------------------
+def load_results(paths: list[str]) -> dict[str, Any]:
+    """One result from one or more JSON files of ``run`` (say one per model of the full grid): their
+    rows together. The files must come from the same device, or their timings would not compare."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    devices = {r["device"] for r in results}
+    if len(devices) > 1:
+        raise SystemExit(f"results from different devices do not compare: {sorted(devices)} in {paths}")
+    merged = dict(results[0])
+    merged["rows"] = [row for r in results for row in r["rows"]]
+    merged["skipped"] = [s for r in results for s in r.get("skipped", [])]
+    merged["sources"] = [str(p) for p in paths]
+    return merged
+
+
+# Latency series of the plot: label → (impl, ρ2, ranks, dtype); None matches anything.
+_PLOT_SERIES = {
+    "best SDPA (full K/V)": ("sdpa", None, None, None),
+    "latent fp16 ρ2=0.5": ("latent", 0.5, "uniform", "fp16"),
+    "latent fp16 ρ2=0.7": ("latent", 0.7, "uniform", "fp16"),
+    "latent fp16 ρ2=0.9": ("latent", 0.9, "uniform", "fp16"),
+    "latent fp16 ρ2=0.5 ragged": ("latent", 0.5, "ragged", "fp16"),
+    "latent int8 ρ2=0.5": ("latent", 0.5, "uniform", "int8"),
+    "shared latent fp16 ρ2=0.5": ("latent", 0.5, "shared", "fp16"),
+}
+
+
+def _matches(row: dict[str, Any], impl: str, rho, ranks, dtype) -> bool:
+    return (
+        row["impl"] == impl
+        and (rho is None or row.get("rho") == rho)
+        and (ranks is None or row.get("ranks") == ranks)
+        and (dtype is None or row.get("dtype") == dtype)
+    )
+
+
+def speedup_matrix(rows: list[dict[str, Any]], model: str, rho: float, ranks: str, dtype: str) -> list[str]:
+    """Markdown table of the latent kernel's speedup over the best SDPA backend, batch × tokens."""
+    sel = [r for r in rows if r["model"] == model and _matches(r, "latent", rho, ranks, dtype)]
+    batches = sorted({r["batch"] for r in sel})
+    lengths = sorted({r["length"] for r in sel})
+    cell = {(r["batch"], r["length"]): r for r in sel}
+
+    def fmt(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "—"
+        sp = r["speedup_vs_best_sdpa"]
+        return "check failed" if sp is None else f"{sp:.2f}× ({r['frac_copy']:.0%})"
+
+    lines = [
+        "| batch | " + " | ".join(f"{n} tokens" for n in lengths) + " |",
+        "|---" * (len(lengths) + 1) + "|",
+    ]
+    for b in batches:
+        lines.append(f"| {b} | " + " | ".join(fmt(cell.get((b, n))) for n in lengths) + " |")
+    return lines
+
+
 def plot(args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = json.loads(Path(args.json).read_text())
+    res = load_results(args.json)
     rows = res["rows"]
     docs = Path(args.docs)
-    # A model the run did not reach (time budget) gets no empty panel.
-    measured = [m for m in MODELS if any(r["model"] == m and r["batch"] == 16 for r in rows)]
-    if not measured:
-        raise SystemExit(f"{args.json}: no batch-16 rows to plot")
-    fig, axes = plt.subplots(1, len(measured), figsize=(5.5 * len(measured), 4.2), squeeze=False)
-    for ax, model in zip(axes[0], measured):
-        sel = [r for r in rows if r["model"] == model and r["batch"] == 16]
-        series = {
-            "best SDPA (full K/V)": [r for r in sel if r["impl"] == "sdpa"],
-            "latent fp16 ρ2=0.5 uniform": [
-                r
-                for r in sel
-                if r["impl"] == "latent"
-                and r["rho"] == 0.5
-                and r["ranks"] == "uniform"
-                and r["dtype"] == "fp16"
-            ],
-            "latent fp16 ρ2=0.5 ragged": [
-                r
-                for r in sel
-                if r["impl"] == "latent"
-                and r["rho"] == 0.5
-                and r["ranks"] == "ragged"
-                and r["dtype"] == "fp16"
-            ],
-            "latent int8 ρ2=0.5 uniform": [
-                r
-                for r in sel
-                if r["impl"] == "latent"
-                and r["rho"] == 0.5
-                and r["ranks"] == "uniform"
-                and r["dtype"] == "int8"
-            ],
-            "latent fp16 ρ2=0.9 uniform": [
-                r
-                for r in sel
-                if r["impl"] == "latent"
-                and r["rho"] == 0.9
-                and r["ranks"] == "uniform"
-                and r["dtype"] == "fp16"
-            ],
-            "shared latent fp16 ρ2=0.5": [
-                r for r in sel if r["impl"] == "latent" and r["rho"] == 0.5 and r["ranks"] == "shared"
-            ],
-        }
-        for label, pts in series.items():
-            pts = sorted(pts, key=lambda r: r["length"])
-            if pts:
-                ax.plot([r["length"] for r in pts], [r["us"] for r in pts], marker="o", label=label)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("cached tokens")
-        ax.set_ylabel("µs per decode step (one layer)")
-        ax.set_title(f"{model}, batch 16")
-        ax.grid(True, which="both", alpha=0.3)
+    # One panel per model and batch that the run measured at two or more lengths (a model the run did
+    # not reach, or a batch of the cross grid's single length, gets no empty panel).
+    panels = [
+        (m, b)
+        for m in MODELS
+        for b in sorted({r["batch"] for r in rows if r["model"] == m})
+        if len({r["length"] for r in rows if r["model"] == m and r["batch"] == b}) > 1
+    ]
+    if not panels:
+        raise SystemExit(f"{', '.join(args.json)}: no batch measured at two or more lengths to plot")
+    models = list(dict.fromkeys(m for m, _ in panels))
+    cols = max(sum(1 for m2, _ in panels if m2 == m) for m in models)
+    fig, axes = plt.subplots(len(models), cols, figsize=(4.6 * cols, 3.9 * len(models)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for i, model in enumerate(models):
+        for k, (_, batch) in enumerate(p for p in panels if p[0] == model):
+            ax = axes[i][k]
+            ax.set_visible(True)
+            sel = [r for r in rows if r["model"] == model and r["batch"] == batch]
+            for label, spec in _PLOT_SERIES.items():
+                pts = sorted((r for r in sel if _matches(r, *spec)), key=lambda r: r["length"])
+                if pts:
+                    ax.plot([r["length"] for r in pts], [r["us"] for r in pts], marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("cached tokens")
+            ax.set_ylabel("µs per decode step (one layer)")
+            ax.set_title(f"{model}, batch {batch}", fontsize=10)
+            ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Decode attention on {res['device']} (median of CUDA-graph replays)")
     fig.tight_layout()
-    fig.savefig(docs / "kernel_latency.png", dpi=120)
+    fig.savefig(docs / "kernel_latency.png", dpi=110)
 
     lines = [
+        f"<!-- generated by `python benchmarks/attention_decode.py plot {' '.join(args.json)} {args.docs}` -->",
+        "",
+        f"Device: {res['device']}; copy ceiling {res['copy_TB_s']:.2f} TB/s. Speedup of the latent kernel over "
+        "the best SDPA backend on full fp16 K/V, and in parentheses the fraction of the copy bandwidth "
+        "on the bytes it reads. —: not in the run (a shape whose full fp16 K/V exceed the run's "
+        "`--max-kv-gb` is skipped" + (f": {'; '.join(res['skipped'])})." if res.get("skipped") else ")."),
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for rho in sorted({r["rho"] for r in rows if r["model"] == model and r["impl"] == "latent"}):
+            for ranks, dtype in (
+                ("uniform", "fp16"),
+                ("uniform", "int8"),
+                ("ragged", "fp16"),
+                ("ragged", "int8"),
+            ):
+                if any(r["model"] == model and _matches(r, "latent", rho, ranks, dtype) for r in rows):
+                    lines += ["", f"**{model}, ρ2 = {rho}, {ranks} ranks, {dtype} latents**", ""]
+                    lines += speedup_matrix(rows, model, rho, ranks, dtype)
+    lines += [
+        "",
+        "Every row:",
+        "",
         "| model | batch | tokens | impl | ρ2 | ranks | latents | µs | GB/s | of copy | vs best SDPA |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -710,9 +788,10 @@ def plot(args: argparse.Namespace) -> None:
                 f"{'n/a (check failed)' if sp is None else f'{sp:.2f}×'} |"
             )
         elif r["impl"] == "naive":
+            us = r.get("us")
             lines.append(
                 f"| {r['model']} | {r['batch']} | {r['length']} | naive PyTorch | 0.5 | uniform | fp16 "
-                f"| {r['us']:.1f} | | | |"
+                f"| {'out of memory' if us is None else f'{us:.1f}'} | | | |"
             )
     (docs / "kernel_table.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {docs / 'kernel_latency.png'} and {docs / 'kernel_table.md'}")
@@ -760,8 +839,10 @@ def main() -> None:
         default=list(MODELS),
         help="attention shapes to time (default all); the launch sweep ignores it",
     )
-    p = sub.add_parser("plot", help="write docs/kernel_latency.png and docs/kernel_table.md from a JSON file")
-    p.add_argument("json")
+    p = sub.add_parser(
+        "plot", help="write docs/kernel_latency.png and docs/kernel_table.md from JSON files of one device"
+    )
+    p.add_argument("json", nargs="+", help="result files of `run` (say one per model of the full grid)")
     p.add_argument("docs")
     args = parser.parse_args()
     if args.cmd == "run":
