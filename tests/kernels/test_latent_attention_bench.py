@@ -109,3 +109,16 @@ def test_plot_merges_per_model_files_into_one_table_and_figure(tmp_path, monkeyp
     b.write_text(json.dumps(_result("H200", "qwen2-vl-7b", [(16, 1024, 18.0, 20.0)])))
     with pytest.raises(SystemExit, match="different devices"):
         bench.main()
+
+    monkeypatch.setattr(
+        sys, "argv", ["attention_decode.py", "plot", str(tmp_path / "missing.json"), str(docs)]
+    )
+    with pytest.raises(SystemExit, match="missing.json: no such file"):
+        bench.main()
+    b.write_text("{not json")
+    monkeypatch.setattr(sys, "argv", ["attention_decode.py", "plot", str(b), str(docs)])
+    with pytest.raises(SystemExit, match="qwen.json: not a JSON file"):
+        bench.main()
+    b.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="no 'rows' and 'device'"):
+        bench.main()

@@ -650,7 +650,18 @@ def summarize(res: dict[str, Any], say=print) -> None:
 def load_results(paths: list[str]) -> dict[str, Any]:
     """One result from one or more JSON files of ``run`` (say one per model of the full grid): their
     rows together. The files must come from the same device, or their timings would not compare."""
-    results = [json.loads(Path(p).read_text()) for p in paths]
+    results = []
+    for p in paths:
+        try:
+            results.append(json.loads(Path(p).read_text()))
+        except FileNotFoundError:
+            raise SystemExit(
+                f"{p}: no such file (a JSON file written by `attention_decode.py run`)"
+            ) from None
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"{p}: not a JSON file of `attention_decode.py run` ({exc})") from None
+        if not isinstance(results[-1], dict) or "rows" not in results[-1] or "device" not in results[-1]:
+            raise SystemExit(f"{p}: not a result of `attention_decode.py run` (no 'rows' and 'device')")
     devices = {r["device"] for r in results}
     if len(devices) > 1:
         raise SystemExit(f"results from different devices do not compare: {sorted(devices)} in {paths}")
