@@ -47,6 +47,10 @@ step() {  # step NAME SECONDS CMD...: run with a wall-clock limit, log to $OUT/N
   [ $rc -ne 0 ] && status=1
   return 0
 }
+grid_full_model() {  # grid_full_model MODEL LIMIT BUDGET: the full grid of one attention shape
+  step "attention_grid_full_$1" "$2" python3 benchmarks/attention_decode.py run --grid full --models "$1" \
+    --time-budget "$3" --rhos 0.5 0.7 0.9 --skip-index-order --out "$OUT/attention_decode_grid_full_${1}_$CARD.json"
+}
 for p in "${parts[@]}"; do
   case $p in
     tests)
@@ -79,16 +83,12 @@ for p in "${parts[@]}"; do
       step attention_grid 330 python3 benchmarks/attention_decode.py run --grid cross --time-budget 280 --rhos 0.5 0.9 \
         --out "$OUT/attention_decode_grid_$CARD.json" ;;
     grid_full)  # the whole grid: every batch x length at rho2 0.9 / 0.7 / 0.5, one model per command
-      for m in llava-next-7b qwen2-vl-7b; do
-        step "attention_grid_full_$m" 590 python3 benchmarks/attention_decode.py run --grid full --models "$m" \
-          --time-budget 520 --rhos 0.5 0.7 0.9 --skip-index-order \
-          --out "$OUT/attention_decode_grid_full_${m}_$CARD.json"
-      done ;;
-    grid_full_llava|grid_full_qwen)  # one model of grid_full (each takes most of a 10-minute device command)
-      m=$([ "$p" = grid_full_llava ] && echo llava-next-7b || echo qwen2-vl-7b)
-      step "attention_grid_full_$m" 560 python3 benchmarks/attention_decode.py run --grid full --models "$m" \
-        --time-budget "${GRID_BUDGET:-500}" --rhos 0.5 0.7 0.9 --skip-index-order \
-        --out "$OUT/attention_decode_grid_full_${m}_$CARD.json" ;;
+      grid_full_model llava-next-7b 590 520
+      grid_full_model qwen2-vl-7b 590 520 ;;
+    grid_full_llava)  # one model of grid_full (each takes most of a 10-minute device command)
+      grid_full_model llava-next-7b 560 "${GRID_BUDGET:-500}" ;;
+    grid_full_qwen)
+      grid_full_model qwen2-vl-7b 560 "${GRID_BUDGET:-500}" ;;
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
         --output "$OUT/quant_accuracy_testbed_$CARD.json" --table "$OUT/quant_accuracy_table.md" ;;

@@ -74,22 +74,44 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(CASES))
-def test_kernel_matches_naive_at_model_sizes(name):
+def _llava_problem(seed, **spec):
+    """Two LLaVA-NeXT rows (8192 tokens, and 1000 after 77 of left padding), fp16, on the GPU."""
+    return make_problem(
+        seed=seed,
+        device="cuda",
+        batch=2,
+        **LLAVA,
+        lengths=[8192, 1000],
+        left_pad=[0, 77],
+        dtype=torch.float16,
+        **spec,
+    )
+
+
+def _error_vs_naive(p, config=None) -> float:
+    """The kernel's relative error against the naive twin, outputs and split partials poisoned with NaN
+    first (an unwritten output fails the finiteness check)."""
     from lowrank_kit.kernels.latent_attention import triton as triton_impl
 
+    out = torch.full(
+        (p.q.shape[0], p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype
+    )
+    triton_impl.latent_attention_decode(
+        p.q, p.kv, p.w, p.starts, p.ends, config=config, out=out, poison_workspace=True
+    )
+    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
+    assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite outputs"
+    return relative_error(out, ref)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_kernel_matches_naive_at_model_sizes(name):
     spec = {"dtype": torch.float16, **CASES[name]}
     spec["batch"] = len(spec["lengths"])
     # Positions as in generation (slot minus left padding), then random up to 30000 (large angles).
     for seed, positions in ((0, "sequential"), (1, "random")):
         p = make_problem(seed=seed, positions=positions, device="cuda", **spec)
-        out = torch.full(
-            (spec["batch"], p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype
-        )
-        triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, out=out, poison_workspace=True)
-        ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
-        assert torch.isfinite(out).all(), f"{name}: unwritten (NaN) or non-finite outputs"
-        err = relative_error(out, ref)
+        err = _error_vs_naive(p)
         assert err < TOL[spec["dtype"]], f"{name} seed {seed}: relative error {err:.2e}"
 
 
@@ -98,26 +120,9 @@ def test_kernel_matches_naive_at_model_sizes(name):
 def test_heads_per_program_at_model_size(heads_per_program, positions):
     from lowrank_kit.kernels.latent_attention import triton as triton_impl
 
-    p = make_problem(
-        seed=3,
-        device="cuda",
-        batch=2,
-        **LLAVA,
-        k_ranks=[64] * 32,
-        v_ranks=[64] * 32,
-        lengths=[8192, 1000],
-        left_pad=[0, 77],
-        dtype=torch.float16,
-        positions=positions,
-    )
+    p = _llava_problem(3, k_ranks=[64] * 32, v_ranks=[64] * 32, positions=positions)
     base = triton_impl.heads_launch_config(2, p.max_len, p.w, p.q.device, heads_per_program)
-    out = torch.full((2, 32, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype)
-    triton_impl.latent_attention_decode(
-        p.q, p.kv, p.w, p.starts, p.ends, config=base, out=out, poison_workspace=True
-    )
-    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
-    assert torch.isfinite(out).all()
-    err = relative_error(out, ref)
+    err = _error_vs_naive(p, base)
     assert err < TOL[torch.float16], f"heads_per_program {heads_per_program}: relative error {err:.2e}"
 
 
@@ -129,26 +134,9 @@ def test_register_capped_launch_at_model_size(heads_per_program, block_n, stages
     """Launches whose register cap makes ptxas spill (maxnreg) give the same result as the naive twin."""
     from lowrank_kit.kernels.latent_attention import triton as triton_impl
 
-    p = make_problem(
-        seed=4,
-        device="cuda",
-        batch=2,
-        **LLAVA,
-        k_ranks=[64] * 32,
-        v_ranks=[64] * 32,
-        lengths=[8192, 1000],
-        left_pad=[0, 77],
-        dtype=torch.float16,
-        int8=int8,
-    )
+    p = _llava_problem(4, k_ranks=[64] * 32, v_ranks=[64] * 32, int8=int8)
     cfg = triton_impl.LaunchConfig(block_n, 4, stages, 0, 0, 0, heads_per_program, maxnreg=maxnreg)
-    out = torch.full((2, 32, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype)
-    triton_impl.latent_attention_decode(
-        p.q, p.kv, p.w, p.starts, p.ends, config=cfg, out=out, poison_workspace=True
-    )
-    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
-    assert torch.isfinite(out).all()
-    err = relative_error(out, ref)
+    err = _error_vs_naive(p, cfg)
     assert err < TOL[torch.float16], f"{cfg}: relative error {err:.2e}"
 
 
@@ -159,26 +147,16 @@ def test_ragged_ranks_in_packed_order_at_model_size(int8):
     from lowrank_kit.kernels.latent_attention import triton as triton_impl
     from lowrank_kit.kernels.latent_attention.bench import ragged_ranks
 
-    p = make_problem(
-        seed=5,
-        device="cuda",
-        batch=2,
-        **LLAVA,
+    p = _llava_problem(
+        5,
         k_ranks=ragged_ranks(0.5, 32, 128, 1),
         v_ranks=ragged_ranks(0.5, 32, 128, 2),
-        lengths=[8192, 1000],
-        left_pad=[0, 77],
-        dtype=torch.float16,
         int8=int8,
         positions="sequential",
         head_order="packed",
     )
     assert p.w.k_layout.order != tuple(range(32))
-    out = torch.full((2, 32, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype)
     cfg = triton_impl.launch_config(2, 32, p.max_len, p.w, p.q.device)
     assert cfg.heads_per_program > 0
-    triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, out=out, poison_workspace=True)
-    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
-    assert torch.isfinite(out).all()
-    err = relative_error(out, ref)
+    err = _error_vs_naive(p)
     assert err < TOL[torch.float16], f"relative error {err:.2e}"

@@ -668,7 +668,6 @@ def load_results(paths: list[str]) -> dict[str, Any]:
     merged = dict(results[0])
     merged["rows"] = [row for r in results for row in r["rows"]]
     merged["skipped"] = [s for r in results for s in r.get("skipped", [])]
-    merged["sources"] = [str(p) for p in paths]
     return merged
 
 
@@ -694,8 +693,11 @@ def _matches(row: dict[str, Any], impl: str, rho, ranks, dtype) -> bool:
 
 
 def speedup_matrix(rows: list[dict[str, Any]], model: str, rho: float, ranks: str, dtype: str) -> list[str]:
-    """Markdown table of the latent kernel's speedup over the best SDPA backend, batch × tokens."""
+    """Markdown table of the latent kernel's speedup over the best SDPA backend, batch × tokens (no lines
+    when the run has no such variant)."""
     sel = [r for r in rows if r["model"] == model and _matches(r, "latent", rho, ranks, dtype)]
+    if not sel:
+        return []
     batches = sorted({r["batch"] for r in sel})
     lengths = sorted({r["length"] for r in sel})
     cell = {(r["batch"], r["length"]): r for r in sel}
@@ -775,9 +777,9 @@ def plot(args: argparse.Namespace) -> None:
                 ("ragged", "fp16"),
                 ("ragged", "int8"),
             ):
-                if any(r["model"] == model and _matches(r, "latent", rho, ranks, dtype) for r in rows):
-                    lines += ["", f"**{model}, ρ2 = {rho}, {ranks} ranks, {dtype} latents**", ""]
-                    lines += speedup_matrix(rows, model, rho, ranks, dtype)
+                matrix = speedup_matrix(rows, model, rho, ranks, dtype)
+                if matrix:
+                    lines += ["", f"**{model}, ρ2 = {rho}, {ranks} ranks, {dtype} latents**", "", *matrix]
     lines += [
         "",
         "Every row:",

@@ -632,11 +632,10 @@ _TABLE: tuple[tuple[int, int, tuple[int, int, int]], ...] = (
 # the launch sweep of benchmarks/attention_decode.py on an H100 (docs/kernel.md): 128 columns, 64-token
 # tiles, 4 warps and 2 stages measured fastest (two rank-64 heads: 442 µs at B=16, 8192 tokens, against
 # 543-871 µs with 8 warps, 542-629 µs with one head and 546 µs with four heads a program).
-# Entries: (block_n, num_warps, num_stages, maxnreg); maxnreg 0 leaves registers to the compiler.
-_HEADS_TABLE: tuple[tuple[int, tuple[int, int, int, int]], ...] = (
-    (128, (64, 4, 2, 0)),
-    (256, (64, 8, 2, 0)),
-    (1 << 30, (32, 8, 2, 0)),
+_HEADS_TABLE: tuple[tuple[int, tuple[int, int, int]], ...] = (
+    (128, (64, 4, 2)),
+    (256, (64, 8, 2)),
+    (1 << 30, (32, 8, 2)),
 )
 
 
@@ -711,11 +710,11 @@ def heads_launch_config(
     max_heads = heads_per_program if heads_per_program > 0 else HEADS_MAX
     geo = _head_geometry(*_row_widths(w), columns, max_heads)
     if device.type != "cuda":
-        block_n, warps, stages, maxnreg = 16, 4, 1, 0
+        block_n, warps, stages = 16, 4, 1
     else:
-        block_n, warps, stages, maxnreg = next(cfg for limit, cfg in _HEADS_TABLE if geo.k_columns <= limit)
+        block_n, warps, stages = next(cfg for limit, cfg in _HEADS_TABLE if geo.k_columns <= limit)
     split_len = _split_len(batch, len(geo.blocks), max_len, block_n, device)
-    return LaunchConfig(block_n, warps, stages, 0, 0, split_len, max_heads, columns, maxnreg)
+    return LaunchConfig(block_n, warps, stages, 0, 0, split_len, max_heads, columns)
 
 
 def launch_config(
