@@ -184,6 +184,7 @@ def speed(
             max_kv_gb=float("inf"),
             time_budget=time_budget,
             sweep=False,
+            skip_index_order=False,
         )
         results["kernel"] = run(args, models={arch: attention_shape(arch)}, rhos=rhos, say=say)
     if e2e:

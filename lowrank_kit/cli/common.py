@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from lowrank_kit.errors import LowRankError
+from lowrank_kit.errors import LowRankError, unknown_name
 
 
 class _Group(TyperGroup):
@@ -48,7 +48,5 @@ def _parse_dtype(name: str | None):
         "bf16": torch.bfloat16,
     }
     if name not in table:
-        from lowrank_kit.errors import unknown_name
-
         raise unknown_name("dtype", name, ["float32", "float16", "bfloat16"])
     return table[name]

@@ -24,7 +24,12 @@ from lowrank_kit.kernels.latent_attention import (
     naive,
     quantize_int8,
 )
-from lowrank_kit.kernels.latent_attention.testing import make_problem, relative_error, rope_inv_freq
+from lowrank_kit.kernels.latent_attention.testing import (
+    make_problem,
+    relative_error,
+    rope_inv_freq,
+    run_poisoned,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,14 +45,7 @@ TOL = {
 
 
 def run_both(p):
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-
-    out = torch.full(
-        (p.q.shape[0], p.w.num_heads, p.w.out_width), float("nan"), dtype=p.q.dtype, device=DEVICE
-    )
-    triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, out=out, poison_workspace=True)
-    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
-    return out, ref
+    return run_poisoned(p), naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
 
 
 CASES = {
@@ -349,10 +347,7 @@ def test_heads_kernel_on_packed_head_order(int8):
     ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
     for split_len in (base.block_n, 256):
         cfg = dataclasses.replace(base, split_len=split_len)
-        out = torch.full((2, 6, p.w.out_width), float("nan"), dtype=p.q.dtype, device=DEVICE)
-        triton_impl.latent_attention_decode(
-            p.q, p.kv, p.w, p.starts, p.ends, config=cfg, out=out, poison_workspace=True
-        )
+        out = run_poisoned(p, cfg)
         assert torch.isfinite(out).all()
         err = relative_error(out, ref)
         assert err < TOL[torch.float16], f"split {split_len}: {err:.2e}"
@@ -382,10 +377,7 @@ def test_heads_per_program_does_not_change_the_result(heads_per_program):
     ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
     for split_len in (base.block_n, 256):  # several splits (merge pass) and one (direct write)
         cfg = dataclasses.replace(base, split_len=split_len)
-        out = torch.full((2, 5, p.w.out_width), float("nan"), dtype=p.q.dtype, device=DEVICE)
-        triton_impl.latent_attention_decode(
-            p.q, p.kv, p.w, p.starts, p.ends, config=cfg, out=out, poison_workspace=True
-        )
+        out = run_poisoned(p, cfg)
         assert torch.isfinite(out).all()
         err = relative_error(out, ref)
         assert err < TOL[torch.float16], f"heads_per_program {heads_per_program} split {split_len}: {err:.2e}"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lowrank_kit.kernels.latent_attention import naive
-from lowrank_kit.kernels.latent_attention.testing import make_problem, relative_error
+from lowrank_kit.kernels.latent_attention.testing import make_problem, relative_error, run_poisoned
 
 pytestmark = [
     pytest.mark.gpu,
@@ -91,14 +91,7 @@ def _llava_problem(seed, **spec):
 def _error_vs_naive(p, config=None) -> float:
     """The kernel's relative error against the naive twin, outputs and split partials poisoned with NaN
     first (an unwritten output fails the finiteness check)."""
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-
-    out = torch.full(
-        (p.q.shape[0], p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=p.q.dtype
-    )
-    triton_impl.latent_attention_decode(
-        p.q, p.kv, p.w, p.starts, p.ends, config=config, out=out, poison_workspace=True
-    )
+    out = run_poisoned(p, config)
     ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
     assert torch.isfinite(out).all(), "unwritten (NaN) or non-finite outputs"
     return relative_error(out, ref)

@@ -217,16 +217,11 @@ def _error_vs_naive(p, config=None) -> float:
     """Relative error of the kernel against its naive twin on problem ``p``; the output buffer and the
     split partials start as NaN, so an entry nobody wrote fails the comparison."""
     from lowrank_kit.kernels.latent_attention import naive
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-    from lowrank_kit.kernels.latent_attention.testing import relative_error
+    from lowrank_kit.kernels.latent_attention.testing import relative_error, run_poisoned
 
-    out = torch.full(
-        (p.q.shape[0], p.w.num_heads, p.w.out_width), float("nan"), device="cuda", dtype=torch.float16
+    return relative_error(
+        run_poisoned(p, config), naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
     )
-    triton_impl.latent_attention_decode(
-        p.q, p.kv, p.w, p.starts, p.ends, config=config, out=out, poison_workspace=True
-    )
-    return relative_error(out, naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends))
 
 
 def check_variant(
@@ -483,7 +478,7 @@ def run(
                     variants.append(
                         dict(model=model, rho=rho, ranks=mode, dtype=dt, layout="per_head", r=ranks)
                     )
-            if m["num_heads"] == hkv and not getattr(args, "skip_index_order", False):
+            if m["num_heads"] == hkv and not args.skip_index_order:
                 # Ragged heads laid out by index (before the runtime packed them): the packing's gain.
                 for dt in ("fp16", "int8"):
                     variants.append(

@@ -150,6 +150,20 @@ def make_problem(
     return Problem(q, kv, w, starts, ends)
 
 
+def run_poisoned(p: Problem, config=None) -> torch.Tensor:
+    """The Triton kernel's output on ``p`` (launch ``config``, default: the launcher's choice), its output
+    buffer and split partials filled with NaN first, so an entry no program wrote stays NaN."""
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    out = torch.full(
+        (p.q.shape[0], p.w.num_heads, p.w.out_width), float("nan"), device=p.q.device, dtype=p.q.dtype
+    )
+    triton_impl.latent_attention_decode(
+        p.q, p.kv, p.w, p.starts, p.ends, config=config, out=out, poison_workspace=True
+    )
+    return out
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖ / ‖ref‖ in fp64; NaN anywhere in ``out`` gives inf so that it never passes."""
     out64, ref64 = out.double(), ref.double()
