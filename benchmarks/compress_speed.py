@@ -24,10 +24,9 @@ import torch
 
 from lowrank_kit.data.calibration import CalibrationSample
 from lowrank_kit.methods.base import DecomposeJob
-from lowrank_kit.models.loading import adapter_for_config
 from lowrank_kit.progress import Reporter, Stage
 from lowrank_kit.ratios import compute_ratios
-from lowrank_kit.registry import get_decomposer
+from lowrank_kit.registry import adapter_for_config, get_decomposer
 from lowrank_kit.surgery import apply_plan
 
 GIB = 2**30

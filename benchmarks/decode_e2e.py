@@ -5,7 +5,7 @@ The latent side is timed twice: with eager decode steps and with the steps repla
 (the speedup's row; ``--no-graph`` leaves it out); the uncompressed model is also timed with
 transformers' StaticCache replayed from a CUDA graph, as a reference (``--no-static-baseline``).
 
-The measurement lives in :mod:`lowrank_kit.runtime.bench` (also behind ``lowrank bench speed``); see its
+The measurement lives in :mod:`lowrank_kit.bench.e2e` (also behind ``lowrank bench speed``); see its
 docstring for what is timed and how. The issue's target shape is the default (LLaVA-NeXT-7B, fp16,
 batch 8, 8192-token context)::
 
@@ -24,8 +24,8 @@ import json
 import sys
 from pathlib import Path
 
+from lowrank_kit.bench.e2e import DTYPES, TINY_RUN, E2ESettings, run_e2e, summary_line
 from lowrank_kit.errors import LowRankError
-from lowrank_kit.runtime.bench import DTYPES, TINY_RUN, E2ESettings, run_e2e, summary_line
 
 
 def parse(argv: list[str] | None) -> tuple[E2ESettings, Path | None]:

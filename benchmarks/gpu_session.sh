@@ -55,7 +55,7 @@ for p in "${parts[@]}"; do
   case $p in
     tests)
       step gpu_tests 170 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention_gpu.py \
-        tests/runtime/test_generate_gpu.py tests/testbed/test_generator.py ;;
+        tests/runtime/test_generate_gpu.py tests/data/test_synthetic.py ;;
     kernel_tests)
       step kernel_tests 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention_gpu.py ;;
     runtime_tests)

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from lowrank_kit.runtime.bench import (
+from lowrank_kit.bench.e2e import (
     DTYPES,
     TINY_RUN,
     E2ESettings,
@@ -35,6 +36,7 @@ from lowrank_kit.runtime.bench import (
     new_decode_cache,
     prompt_ids,
 )
+from lowrank_kit.runtime import enable_latent_decode
 
 
 def _rows(prof) -> list[dict]:
@@ -61,8 +63,6 @@ def _rows(prof) -> list[dict]:
 
 @torch.no_grad()
 def profile_steps(model, ids: torch.Tensor, latent: bool, steps: int, top: int, mode: str = "eager") -> dict:
-    from torch.profiler import ProfilerActivity, profile
-
     device = ids.device
     kw = _cache_kwarg(model)
     cache = new_decode_cache(model, mode, latent, ids.shape[1] + 2 * steps + 4)
@@ -131,8 +131,6 @@ def main(argv: list[str] | None = None) -> None:
             values[k] = getattr(a, k)
     s = E2ESettings(arch=a.arch, device=a.device, dtype=a.dtype, **values)
     s.validate()
-    from lowrank_kit.runtime import enable_latent_decode
-
     model = build(s)
     ids = prompt_ids(model, s.batch, s.context, s.seed)
     res = {"settings": {"arch": s.arch, "batch": s.batch, "context": s.context, "dtype": s.dtype}}

@@ -452,7 +452,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from lowrank_kit.data.sources import build_calibration
     from lowrank_kit.eval.datasets import load_eval_data
-    from lowrank_kit.models.loading import load_model
+    from lowrank_kit.loading import load_model
     from lowrank_kit.recipe import CalibrationSpec
 
     torch.manual_seed(0)

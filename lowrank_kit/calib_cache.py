@@ -31,8 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+import lowrank_kit
 from lowrank_kit.errors import LowRankError
 from lowrank_kit.paths import cache_subdir
 
@@ -103,7 +106,6 @@ def run_key(
     model: nn.Module, recipe: Any, samples: Sequence[Any] | None, device: torch.device
 ) -> dict[str, Any]:
     """What a run's cache key is made of (JSON-able); :func:`key_digest` turns it into the key."""
-    import lowrank_kit
 
     resolved = recipe.to_dict()
     resolved.pop("model", None)
@@ -122,6 +124,7 @@ def run_key(
 
 
 def key_digest(parts: Any) -> str:
+    """The sha256 of ``parts`` as canonical JSON: the key of a cache entry (calibration or evaluation)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -163,8 +166,6 @@ class CalibrationCache:
         ``key_parts`` name the product within the run (stage, layer, options); the run key already
         covers model, recipe and data. ``fn`` must return a dict of tensors.
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         path = self.entry_path(key_parts)
         label = path.stem
@@ -185,7 +186,6 @@ class CalibrationCache:
         return value
 
     def _store(self, path: Path, value: TensorDict) -> None:
-        from safetensors.torch import save_file
 
         global _writes_in_process
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import re
@@ -32,9 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_model
 from torch import nn
 
-from lowrank_kit.errors import CheckpointError, LowRankError
+from lowrank_kit.errors import CheckpointError
+from lowrank_kit.modules import LOW_RANK_MODULES
+from lowrank_kit.paths import sha256_file
+from lowrank_kit.quant.modules import QUANT_MODULES
+from lowrank_kit.quant.structure import install_quantized
+from lowrank_kit.quant.structure import quantized_structure as describe_quantized
+from lowrank_kit.registry import adapter_for_config
+from lowrank_kit.surgery import build_structure
 
 FORMAT_VERSION = 1
 CONFIG_KEY = "lowrank_config"
@@ -188,14 +196,6 @@ def _remove_made(made: list[Path]) -> None:
 
 
 # -- writing -----------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
 
@@ -219,7 +219,6 @@ def save_compressed(result, output: str | Path, *, overwrite: bool = False, sour
     (``disk_bytes`` over ``original_weight_bytes``, the uncompressed model's weights in the same dtype)
     to ``result.report``.
     """
-    from safetensors.torch import save_model
 
     target = check_output_available(output, overwrite=overwrite)
     model = result.model
@@ -255,7 +254,7 @@ def save_compressed(result, output: str | Path, *, overwrite: bool = False, sour
         report["checkpoint_bytes"] = sum(p.stat().st_size for p in files)
         _write_json(tmp / REPORT, report)
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        _write_json(tmp / MANIFEST, {str(p.relative_to(tmp)): _sha256(p) for p in files})
+        _write_json(tmp / MANIFEST, {str(p.relative_to(tmp)): sha256_file(p) for p in files})
     return target
 
 
@@ -332,13 +331,12 @@ def verify_manifest(path: Path, only: list[str] | None = None) -> None:
             raise CheckpointError(f"checkpoint file {str(f)!r} is not listed in {MANIFEST}")
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {str(f)!r} is missing")
-        if _sha256(f) != manifest[rel]:
+        if sha256_file(f) != manifest[rel]:
             raise CheckpointError(f"checkpoint file {str(f)!r} is corrupt or truncated (checksum mismatch)")
 
 
 def damaged_safetensors(directory: str | Path) -> tuple[Path, str] | None:
     """The first ``*.safetensors`` file in ``directory`` whose header or length does not check out."""
-    from safetensors import SafetensorError, safe_open
 
     for file in sorted(Path(directory).glob("*.safetensors")):
         try:
@@ -361,27 +359,18 @@ def is_compressed_checkpoint(path: str | Path) -> bool:
 
 # -- structure ---------------------------------------------------------------------------------------
 def compressed_module_types() -> tuple[type[nn.Module], ...]:
-    from lowrank_kit.modules import LOW_RANK_MODULES
-    from lowrank_kit.quant.modules import QUANT_MODULES
-
     return (*LOW_RANK_MODULES, *QUANT_MODULES)
 
 
 def quantized_structure(model: nn.Module) -> dict[str, Any]:
     """Per-module layout of quantized, rotated and K/V-marked modules (empty for a float model); see
     :func:`lowrank_kit.quant.structure.quantized_structure`."""
-    from lowrank_kit.quant.structure import quantized_structure as describe
-
-    return describe(model)
+    return describe_quantized(model)
 
 
 def install_structure(model: nn.Module, block: dict[str, Any]) -> nn.Module:
     """Replace the model's projections by empty modules of the layout ``block`` describes: the low-rank
     structure first, then the quantized modules inside and around it."""
-    from lowrank_kit.models.loading import adapter_for_config
-    from lowrank_kit.quant.structure import install_quantized
-    from lowrank_kit.surgery import build_structure
-
     adapter = adapter_for_config(model.config)
     try:
         build_structure(model, adapter, block["structure"])
@@ -394,66 +383,3 @@ def install_structure(model: nn.Module, block: dict[str, Any]) -> nn.Module:
             f"the {CONFIG_KEY} quantized_modules of this checkpoint are invalid: {err}"
         ) from None
     return model
-
-
-def load(
-    path: str | Path,
-    *,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
-    trust_remote_code: bool = False,
-    latent_decode: bool = False,
-    cuda_graph: bool = False,
-):
-    """Load a compressed checkpoint; returns a :class:`~lowrank_kit.models.loading.LoadedModel`.
-
-    Every file's checksum is verified first; the model is then built by transformers' ``from_pretrained``
-    (through :mod:`lowrank_kit.hf_integration`), and any weight it did not find is an error.
-    ``latent_decode=True`` also runs :func:`lowrank_kit.runtime.enable_latent_decode` on it, so that
-    ``generate`` caches latents (the checkpoint's K and V must be low-rank); ``cuda_graph=True`` (with
-    it) makes ``generate``'s decode steps replay a CUDA graph (:mod:`lowrank_kit.runtime.graph`).
-    """
-    import transformers
-
-    from lowrank_kit.hf_integration import manifest_already_verified
-    from lowrank_kit.models.loading import LoadedModel, adapter_for_config, load_processor
-
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
-    if not p.is_dir():
-        raise CheckpointError(f"checkpoint {str(p)!r} is a file; pass the directory that holds config.json")
-    if cuda_graph and not latent_decode:
-        raise CheckpointError("cuda_graph=True replays latent decode steps; pass latent_decode=True with it")
-    read_lowrank_config(p)
-    verify_manifest(p)
-    config = transformers.AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
-    adapter = adapter_for_config(config)
-    cls = getattr(transformers, adapter.model_class, None)
-    if cls is None:
-        raise CheckpointError(
-            f"{str(p)!r} needs transformers.{adapter.model_class}, which transformers "
-            f"{transformers.__version__} lacks; upgrade transformers"
-        )
-    with manifest_already_verified(p):
-        model, info = cls.from_pretrained(
-            p,
-            config=config,
-            dtype=dtype or "auto",
-            output_loading_info=True,
-            trust_remote_code=trust_remote_code,
-        )
-    problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if any(problems.values()):
-        found = "; ".join(f"{k.replace('_', ' ')} {v[:3]}" for k, v in problems.items() if v)
-        raise CheckpointError(f"checkpoint {str(p)!r} does not match its model class: {found}")
-    model.to(device).eval()
-    if latent_decode:
-        from lowrank_kit.runtime import enable_latent_decode
-
-        enable_latent_decode(model, adapter=adapter, cuda_graph=cuda_graph)
-    try:
-        processor = load_processor(p, trust_remote_code=trust_remote_code)
-    except LowRankError:
-        processor = None
-    return LoadedModel(model=model, processor=processor, adapter=adapter, config=config, spec=str(p), path=p)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
@@ -33,7 +34,16 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from lowrank_kit.checkpoint import QUANT_METHOD
+from lowrank_kit.checkpoint import (
+    FORMAT_VERSION,
+    MANIFEST,
+    QUANT_METHOD,
+    check_format_version,
+    compressed_module_types,
+    install_structure,
+    lowrank_block,
+    verify_manifest,
+)
 from lowrank_kit.errors import CheckpointError, LowRankError
 
 log = logging.getLogger(__name__)
@@ -63,8 +73,6 @@ class LowRankConfig(QuantizationConfigMixin):
     """
 
     def __init__(self, format_version: int | None = None, quant_method: str = QUANT_METHOD, **unknown: Any):
-        from lowrank_kit.checkpoint import FORMAT_VERSION, check_format_version
-
         if quant_method != QUANT_METHOD:
             raise CheckpointError(
                 f"LowRankConfig got quant_method {quant_method!r}; expected {QUANT_METHOD!r}"
@@ -82,8 +90,6 @@ class LowRankConfig(QuantizationConfigMixin):
 
 def _checkpoint_keys(files: list[str]) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes in the safetensors files (headers only; no tensor is read)."""
-    from safetensors import SafetensorError, safe_open
-
     shapes: dict[str, tuple[int, ...]] = {}
     for file in files:
         if not str(file).endswith(".safetensors"):
@@ -100,8 +106,6 @@ def _checkpoint_keys(files: list[str]) -> dict[str, tuple[int, ...]]:
 
 
 def _read_tensor(files: list[str], key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
     for file in files:
         with safe_open(str(file), framework="pt") as f:
             if key in f.keys():  # noqa: SIM118
@@ -123,8 +127,6 @@ def compressed_parameters(model: nn.Module) -> dict[int, tuple[torch.Tensor, lis
     A tensor shared between projections (QSVD's latent) has several names; safetensors stores it
     under one of them.
     """
-    from lowrank_kit.checkpoint import compressed_module_types
-
     kinds = compressed_module_types()
     out: dict[int, tuple[torch.Tensor, list[str]]] = {}
     for mod_name, module in model.named_modules(remove_duplicate=False):
@@ -168,8 +170,6 @@ class LowRankHfQuantizer(HfQuantizer):
         return None
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        from lowrank_kit.checkpoint import MANIFEST, install_structure, lowrank_block, verify_manifest
-
         files = [str(f) for f in (kwargs.get("checkpoint_files") or [])]
         if not files:
             raise CheckpointError(

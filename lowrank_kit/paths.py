@@ -7,8 +7,12 @@ Everything lives under one root: ``$LOWRANK_KIT_CACHE`` when set, else ``$XDG_CA
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 CACHE_ENV = "LOWRANK_KIT_CACHE"
 
@@ -24,3 +28,27 @@ def cache_root() -> Path:
 def cache_subdir(name: str) -> Path:
     """``cache_root() / name`` (not created here)."""
     return cache_root() / name
+
+
+def sha256_file(path: str | Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def built_record(path: Path, required: Sequence[str], record: str) -> dict[str, Any] | str:
+    """The JSON ``record`` of a directory built into the cache (the testbed, a packaged model), or why the
+    directory cannot be used: not built, a ``required`` file missing, the record unreadable."""
+    if not path.is_dir():
+        return "not built"
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        info = json.loads((path / record).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{record} is unreadable ({err})"
+    return info if isinstance(info, dict) else f"{record} is not a JSON object"

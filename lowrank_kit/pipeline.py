@@ -6,24 +6,28 @@ compresses it and writes a checkpoint atomically (nothing is left behind when a 
 
 from __future__ import annotations
 
-import contextlib
-import resource
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowrank_kit.calib_cache import CalibrationCache, default_cache_dir
+from lowrank_kit.checkpoint import check_output_available, save_compressed, state_bytes
+from lowrank_kit.data.sources import build_calibration, resolve_calibration
 from lowrank_kit.errors import CalibrationError, RecipeError
+from lowrank_kit.loading import load_model, model_calibration_context
 from lowrank_kit.methods.base import DecomposeJob, QuantizeJob
+from lowrank_kit.methods.stats import StageRecorder
 from lowrank_kit.models.base import ModelAdapter
 from lowrank_kit.progress import NULL_REPORTER, Reporter
+from lowrank_kit.quant.report import cache_report, logical_parameters
+from lowrank_kit.quant.schemes import resolve_scheme
 from lowrank_kit.ratios import compute_ratios
 from lowrank_kit.recipe import DecomposeStep, QuantizeStep, Recipe, resolve_recipe
+from lowrank_kit.registry import adapter_for_config, get_decomposer, get_quantizer
 from lowrank_kit.surgery import apply_plan, describe_structure
 
 
@@ -37,42 +41,13 @@ class CompressionResult:
     output: Path | None = None
 
 
-@dataclass
-class StageTimer:
-    stages: list[dict[str, Any]] = field(default_factory=list)
-
-    @contextlib.contextmanager
-    def __call__(self, name: str, device: torch.device) -> Iterator[None]:
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        yield
-        if cuda:
-            torch.cuda.synchronize(device)
-        entry = {"stage": name, "seconds": round(time.perf_counter() - t0, 4)}
-        if cuda:
-            entry["peak_gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
-        entry["peak_rss_bytes"] = _peak_rss()
-        self.stages.append(entry)
-
-
-def _peak_rss() -> int:
-    """Peak resident memory of this process so far (the OS reports kB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
 def count_parameters(model: nn.Module) -> int:
     """Parameters, each shared tensor once; an integer-stored (quantized) weight counts one per element."""
-    from lowrank_kit.quant.report import logical_parameters
 
     return logical_parameters(model)
 
 
 def needs_calibration(recipe: Recipe) -> bool:
-    from lowrank_kit.registry import get_decomposer, get_quantizer
 
     for step in recipe.steps:
         if isinstance(step, DecomposeStep) and get_decomposer(step.method).needs_calibration:
@@ -106,9 +81,6 @@ def compress(
     ``cache_dir``: keep the calibration products there (:mod:`lowrank_kit.calib_cache`), so that a rerun
     of an interrupted compression resumes; None computes everything.
     """
-    from lowrank_kit.checkpoint import state_bytes
-    from lowrank_kit.models.loading import adapter_for_config
-    from lowrank_kit.registry import get_decomposer, get_quantizer
 
     t_start = time.perf_counter()
     recipe = resolve_recipe(recipe)
@@ -119,8 +91,11 @@ def compress(
         )
     adapter = adapter or adapter_for_config(model.config)
     info = adapter.info(model)
+    context = model_calibration_context(model.config, getattr(model.config, "_name_or_path", "") or "")
+    calibration_spec = resolve_calibration(recipe.calibration, **context)
+    recipe = recipe.model_copy(update={"calibration": calibration_spec})
     device = torch.device(device) if device is not None else _model_device(model)
-    timer = StageTimer()
+    timer = StageRecorder(NULL_REPORTER, device)
     params_before = count_parameters(model)
     weight_bytes_before = state_bytes(model)
 
@@ -131,15 +106,12 @@ def compress(
                 "none; use a model directory that ships its processor (tokenizer + image processor), pass "
                 "`calibration=` samples to compress(), or pick a method without calibration (svd)"
             )
-        from lowrank_kit.data.sources import build_calibration
 
-        with timer("calibration data", device):
+        with timer.stage("calibration data"):
             calibration = build_calibration(recipe.calibration, processor, adapter, reporter=reporter)
 
     cache = None
     if cache_dir is not None and needs_calibration(recipe):
-        from lowrank_kit.calib_cache import CalibrationCache
-
         cache = CalibrationCache.for_run(cache_dir, model, recipe, calibration, device)
 
     report: dict[str, Any] = {"method": None, "quant": None, "decompose": {}, "quantize": {}}
@@ -162,7 +134,7 @@ def compress(
                 seed=recipe.calibration.seed,
                 cache=cache,
             )
-            with timer(f"decompose ({step.method})", device):
+            with timer.stage(f"decompose ({step.method})"):
                 plan = method.decompose(job)
                 apply_plan(model, adapter, plan)
             report["method"] = step.method
@@ -178,8 +150,6 @@ def compress(
                 **plan.report,
             }
         else:
-            from lowrank_kit.quant.schemes import resolve_scheme
-
             scheme = resolve_scheme(step.scheme)
             report["quant"] = scheme.name
             methods = list(step.methods or scheme.methods)
@@ -200,9 +170,8 @@ def compress(
                     seed=recipe.calibration.seed,
                     cache=cache,
                 )
-                with timer(f"quantize ({name})", device):
+                with timer.stage(f"quantize ({name})"):
                     entries[name] = quantizer.quantize(qjob)
-            from lowrank_kit.quant.report import cache_report
 
             entries.update(cache_report(model, adapter, scheme.kv_bits))
             report["quantize"] = entries
@@ -248,8 +217,6 @@ def compress_to_directory(
     :func:`~lowrank_kit.calib_cache.default_cache_dir`), so that rerunning an interrupted compression
     resumes where it stopped and writes the same checkpoint.
     """
-    from lowrank_kit.checkpoint import check_output_available, save_compressed
-    from lowrank_kit.models.loading import load_model
 
     t0 = time.perf_counter()
     recipe = resolve_recipe(recipe)  # fail on bad names before any expensive work
@@ -279,7 +246,6 @@ def compress_to_directory(
 
 
 def _cache_location(cache_dir: str | Path | None, use_cache: bool) -> Path | None:
-    from lowrank_kit.calib_cache import default_cache_dir
 
     if not use_cache:
         if cache_dir is not None:

@@ -11,6 +11,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 
 @dataclass
 class Stage:
@@ -51,8 +54,6 @@ class RichReporter(Reporter):
     """One rich progress bar per stage, on stderr so ``--json`` output stays clean on stdout."""
 
     def __init__(self, console=None) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.console = console or Console(stderr=True)
         self._progress = Progress(

@@ -7,6 +7,7 @@ all layers. Biases are kept outside the factors and count in neither.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from torch import nn
@@ -50,20 +51,29 @@ class Ratios:
     original_cache_elements_per_token: int
 
 
-def cache_widths(model: nn.Module, adapter: ModelAdapter) -> list[int]:
-    """Cached elements per token for each layer: K side plus V side (a latent shared by K and V once)."""
-    info = adapter.info(model)
-    widths = []
-    for layer in range(info.num_layers):
+def shares_latent(k: nn.Module, v: nn.Module) -> bool:
+    """Whether the K and V projections of a layer cache one latent (a joint K/V decomposition)."""
+    return (
+        isinstance(k, JointLowRankProjection)
+        and isinstance(v, JointLowRankProjection)
+        and k.shared is v.shared
+    )
+
+
+def kv_projections(model: nn.Module, adapter: ModelAdapter) -> Iterator[tuple[nn.Module, nn.Module, bool]]:
+    """Per decoder layer: its K and V projections and whether they share one cached latent."""
+    for layer in range(adapter.info(model).num_layers):
         k = adapter.get_projection(model, layer, "k_proj")
         v = adapter.get_projection(model, layer, "v_proj")
-        shared = (
-            isinstance(k, JointLowRankProjection)
-            and isinstance(v, JointLowRankProjection)
-            and k.shared is v.shared
-        )
-        widths.append(_latent_width(k) if shared else _latent_width(k) + _latent_width(v))
-    return widths
+        yield k, v, shares_latent(k, v)
+
+
+def cache_widths(model: nn.Module, adapter: ModelAdapter) -> list[int]:
+    """Cached elements per token for each layer: K side plus V side (a latent shared by K and V once)."""
+    return [
+        _latent_width(k) if shared else _latent_width(k) + _latent_width(v)
+        for k, v, shared in kv_projections(model, adapter)
+    ]
 
 
 def compute_ratios(model: nn.Module, adapter: ModelAdapter) -> Ratios:

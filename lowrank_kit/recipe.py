@@ -9,6 +9,7 @@ as the field path plus the reason, e.g. ``steps[0].params.beta: Input should be 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -30,14 +31,19 @@ class _Strict(BaseModel):
 class CalibrationSpec(_Strict):
     """Where calibration samples come from and how many.
 
-    ``source``: ``testbed`` (the built-in generator's train split), ``tsv`` (a VLMEvalKit TSV at
-    ``path``) or ``hf`` (a ``datasets`` dataset with ScienceQA-style fields: a hub id in ``dataset`` or a
-    ``save_to_disk`` directory in ``path``).
+    ``source``: ``auto`` (the default: real data chosen for the model when it is loaded, see
+    :func:`lowrank_kit.data.sources.default_calibration`: ScienceQA's train image questions for a VLM,
+    wikitext-2 train for a text model, the generator for the testbed), ``testbed`` (the built-in
+    generator's train split), ``tsv`` (a VLMEvalKit TSV at ``path``), ``hf`` (a ``datasets`` dataset with
+    ScienceQA-style fields: a hub id in ``dataset`` with an optional ``config``, or a ``save_to_disk``
+    directory in ``path``) or ``text`` (a text corpus in ``dataset``: ``text:pydoc``, ``text:PATH`` or
+    ``hf:DATASET[:CONFIG]``; windows of ``max_length`` tokens with the loss on every token).
     """
 
-    source: Literal["testbed", "tsv", "hf"] = "testbed"
+    source: Literal["auto", "testbed", "tsv", "hf", "text"] = "auto"
     path: str | None = None
     dataset: str | None = None
+    config: str | None = None
     split: str = "train"
     num_samples: int = Field(64, gt=0)
     seed: int = 0
@@ -50,11 +56,23 @@ class CalibrationSpec(_Strict):
             raise ValueError("source 'tsv' needs `path` (a VLMEvalKit TSV file)")
         if self.source == "hf" and not (self.path or self.dataset):
             raise ValueError("source 'hf' needs `dataset` (a hub id) or `path` (a save_to_disk directory)")
+        if self.source == "text" and not self.dataset:
+            raise ValueError(
+                "source 'text' needs `dataset`: a corpus such as text:pydoc, text:PATH or hf:ID[:CONFIG]"
+            )
         return self
 
 
+RHO1_MEANING = "ρ1 is the fraction of parameters kept"
+
+
+def is_fraction(value: float) -> bool:
+    """ρ1 and ρ2 are fractions kept: in (0, 1]."""
+    return 0.0 < value <= 1.0
+
+
 def _check_ratio(v: float) -> float:
-    if not 0.0 < v <= 1.0:
+    if not is_fraction(v):
         raise ValueError(f"ratio ρ1 must be in (0, 1] (fraction of parameters kept), got {v}")
     return v
 
@@ -203,14 +221,56 @@ def parse_recipe(data: Any, origin: str = "recipe") -> Recipe:
         raise RecipeError(f"invalid {origin}: {format_validation_error(err)}") from None
 
 
+class _DuplicateKey(yaml.constructor.ConstructorError):
+    def __init__(self, key: Any, lines: tuple[int, int] | None = None) -> None:
+        super().__init__(problem=f"duplicate key {key!r}")
+        self.key, self.lines = key, lines
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with one key twice (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` may be overridden by the keys beside it, as YAML intends
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise _DuplicateKey(key, (seen[key], line))
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _unique_json_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe from a ``.yaml``/``.yml`` or ``.json`` file."""
+    """Read a recipe from a ``.yaml``/``.yml`` or ``.json`` file; a key given twice in one mapping is an error."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe file {str(p)!r} does not exist")
     text = p.read_text(encoding="utf-8")
     try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+        if p.suffix == ".json":
+            data = json.loads(text, object_pairs_hook=_unique_json_object)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+    except _DuplicateKey as err:
+        where = f" (lines {err.lines[0]} and {err.lines[1]})" if err.lines else ""
+        raise RecipeError(
+            f"recipe file {str(p)!r} sets {err.key!r} twice in one mapping{where}; keep one of them"
+        ) from None
     except (json.JSONDecodeError, yaml.YAMLError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise RecipeError(
@@ -239,12 +299,18 @@ def recipe_from_flags(
     rank_allocation: str | None = None,
     calib_source: str | None = None,
     calib_path: str | None = None,
+    calib_dataset: str | None = None,
+    calib_config: str | None = None,
+    calib_split: str | None = None,
+    calib_max_length: int | None = None,
     params: dict[str, Any] | None = None,
+    quant_methods: Sequence[str] | None = None,
 ) -> Recipe:
     """The recipe the CLI flags describe (``--method``, ``--ratio``, ``--quant``, ...).
 
     ``params``: the decompose step's method parameters (``{"finetune": False}`` for wsvd), checked
-    against the method's config class when the recipe is resolved.
+    against the method's config class when the recipe is resolved. ``quant_methods``: the quantizers
+    the quantize step runs, in order, instead of the scheme's own.
     """
     calibration: dict[str, Any] = {}
     if calib_samples is not None:
@@ -255,6 +321,17 @@ def recipe_from_flags(
         calibration["source"] = calib_source
     if calib_path is not None:
         calibration["path"] = calib_path
+    if calib_dataset is not None:
+        calibration["dataset"] = calib_dataset
+        # A corpus spec names a text corpus; a bare hub id an hf dataset of image questions.
+        if calib_source is None:
+            calibration["source"] = "text" if calib_dataset.startswith(("text:", "hf:")) else "hf"
+    if calib_config is not None:
+        calibration["config"] = calib_config
+    if calib_split is not None:
+        calibration["split"] = calib_split
+    if calib_max_length is not None:
+        calibration["max_length"] = calib_max_length
     steps: list[dict[str, Any]] = []
     if method is not None:
         step: dict[str, Any] = {"type": "decompose", "method": method}
@@ -274,10 +351,49 @@ def recipe_from_flags(
     elif ratio is not None or rank is not None or params:
         raise RecipeError("--ratio/--rank and method parameters need --method (see `lowrank methods`)")
     if quant is not None:
-        steps.append({"type": "quantize", "scheme": quant})
+        qstep: dict[str, Any] = {"type": "quantize", "scheme": quant}
+        if quant_methods is not None:
+            qstep["methods"] = list(quant_methods)
+        steps.append(qstep)
+    elif quant_methods is not None:
+        raise RecipeError("quantizer methods need --quant (a scheme: w8a8, w4a4, ...)")
     if not steps:
         raise RecipeError("nothing to do: give --method (and --ratio) and/or --quant, or --recipe FILE")
     return parse_recipe({"model": model, "calibration": calibration, "steps": steps}, origin="options")
+
+
+# -- comma-separated flag values -------------------------------------------------------------------
+
+
+def parse_list(text: str, flag: str) -> list[str]:
+    """``"a,b,c"`` → ``["a", "b", "c"]``: empty entries dropped; an empty list or a repeat is an error."""
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise RecipeError(f"{flag} needs a comma-separated list, got {text!r}")
+    if len(set(values)) != len(values):
+        raise RecipeError(f"{flag} lists a value twice: {text!r}")
+    return values
+
+
+def check_fraction(value: float, flag: str, meaning: str | None = None) -> float:
+    """``value`` if it is in (0, 1]; else an error naming ``flag`` (and what the fraction means)."""
+    if not is_fraction(value):
+        raise RecipeError(f"{flag}: {value} is outside (0, 1]" + (f"; {meaning}" if meaning else ""))
+    return value
+
+
+def parse_fractions(text: str, flag: str, meaning: str | None = None) -> list[float]:
+    """A flag's comma-separated fractions in (0, 1] (ρ1 or ρ2 values), e.g. ``"0.9,0.7,0.5"``."""
+    out = []
+    for value in parse_list(text, flag):
+        try:
+            number = float(value)
+        except ValueError:
+            raise RecipeError(
+                f"{flag}: {value!r} is not a number; give fractions in (0, 1], e.g. 0.9,0.5"
+            ) from None
+        out.append(check_fraction(number, flag, meaning))
+    return out
 
 
 # -- resolution against the registry ----------------------------------------------------------------

@@ -16,8 +16,11 @@ from typing import Any
 
 import pluggy
 
-from lowrank_kit.errors import RegistryError, unknown_name
+from lowrank_kit import builtin
+from lowrank_kit.errors import ModelLoadError, RegistryError, unknown_name
 from lowrank_kit.hookspecs import PROJECT, LowRankKitSpec
+from lowrank_kit.methods.base import Decomposer, Quantizer
+from lowrank_kit.models.base import ModelAdapter, config_identity
 
 ENTRY_POINT_GROUP = "lowrank_kit"
 ALLOW_ENV = "LOWRANK_KIT_PLUGINS"
@@ -47,9 +50,6 @@ class Entry:
 
 
 def _check_kind(kind: str, obj: Any) -> str:
-    from lowrank_kit.methods.base import Decomposer, Quantizer
-    from lowrank_kit.models.base import ModelAdapter
-
     expected = {"decomposer": Decomposer, "quantizer": Quantizer, "model_adapter": ModelAdapter}[kind]
     if kind == "model_adapter":
         ok = isinstance(obj, ModelAdapter)
@@ -144,8 +144,6 @@ class Registry:
 @functools.cache
 def get_registry() -> Registry:
     """The process-wide registry: built-ins first, then the allowed external plugins."""
-    from lowrank_kit import builtin
-
     reg = Registry()
     reg.add_plugin(builtin, BUILTIN, "built-in")
     reg.load_entry_points()
@@ -172,3 +170,38 @@ def get_adapter(name: str):
 def adapters() -> list:
     reg = get_registry()
     return [reg.get("model_adapter", n) for n in reg.names("model_adapter")]
+
+
+# -- recognising a model's family ----------------------------------------------------------------------
+def supported_architectures() -> str:
+    """One line listing the supported families: name, model class and model types of each adapter."""
+    return "; ".join(
+        f"{a.name} ({a.model_class}, model_type {'/'.join(a.model_types)})"
+        for a in adapters()
+        if not a.unsupported
+    )
+
+
+def adapter_for_config(config: Any):
+    """The registered adapter whose model_type (or architecture) ``config`` has.
+
+    ``config`` is a transformers config or a ``config.json`` dict. An architecture no adapter claims is
+    an error that lists the supported ones; a family that is recognised but refused is an error that
+    says why.
+    """
+    model_type, archs = config_identity(config)
+    candidates = adapters()
+    by_type = [a for a in candidates if model_type in a.model_types]
+    found = by_type or [a for a in candidates if a.model_class in archs]
+    if not found:
+        what = f"model_type {model_type!r}" + (f", architectures {list(archs)}" if archs else "")
+        raise ModelLoadError(f"unsupported architecture ({what}); supported: {supported_architectures()}")
+    if len(found) > 1:
+        names = ", ".join(a.name for a in found)
+        raise ModelLoadError(
+            f"model_type {model_type!r} is claimed by several adapters ({names}); uninstall one"
+        )
+    adapter = found[0]
+    if adapter.unsupported:
+        raise ModelLoadError(adapter.unsupported)
+    return adapter

@@ -167,3 +167,130 @@ def test_recipe_cannot_be_mixed_with_step_flags(tmp_path):
     recipe.write_text("steps:\n  - {type: decompose, method: svd, ratio: 0.5}\n")
     res = runner.invoke(app, ["recipe", "show", "--recipe", str(recipe), "--ratio", "0.4"])
     assert res.exit_code != 0 and "--recipe cannot be combined with --ratio" in res.output
+
+
+def test_compress_and_recipe_show_take_the_same_recipe_options():
+    import typer
+
+    from lowrank_kit.cli import main
+
+    root = typer.main.get_command(app)
+
+    def recipe_options(cmd):
+        return {p.name: (p.opts, p.help, p.default) for p in cmd.params if p.name in main._RECIPE_OPTIONS}
+
+    compress = recipe_options(root.commands["compress"])
+    show = recipe_options(root.commands["recipe"].commands["show"])
+    assert len(compress) == len(main._RECIPE_OPTIONS) == 16
+    assert compress == show
+    assert compress["recipe_file"][0] == ["--recipe"] and compress["model"][0] == ["--model", "-m"]
+
+
+@pytest.mark.parametrize("command", [(), ("compress",), ("recipe", "show"), ("bench", "accuracy"), ("eval",)])
+def test_h_is_help(command):
+    long, short = invoke(*command, "--help"), invoke(*command, "-h")
+    assert long.exit_code == short.exit_code == 0
+    assert short.stdout == long.stdout and "Usage: lowrank" in short.stdout
+
+
+def test_version_prints_the_version_and_exits_0():
+    import lowrank_kit
+
+    res = invoke("--version")
+    assert res.exit_code == 0 and res.stdout == f"lowrank_kit {lowrank_kit.__version__}\n"
+
+
+# Exit codes (docs/cli.md): 0 success, 1 a failed run, 2 bad input, 130 interrupted.
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("compress", "--colour", "red"), "No such option: --colour"),
+        (("recipe", "show", "--ratio", "half"), "Invalid value for '--ratio'"),
+        (("recipe", "show", "--method", "svd", "--ratio", "1.5"), "Error: invalid options: steps[0].ratio"),
+        (("recipe", "show"), "Error: nothing to do"),
+    ],
+)
+def test_bad_input_exits_2(args, message):
+    res = runner.invoke(app, list(args))
+    assert res.exit_code == 2, res.output
+    assert message in res.output and "Traceback" not in res.output
+
+
+def test_a_failed_run_exits_1(monkeypatch, tmp_path):
+    import lowrank_kit.pipeline as pipeline
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(pipeline, "compress_to_directory", crash)
+    res = runner.invoke(app, ["compress", "--method", "svd", "--ratio", "0.5", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and isinstance(res.exception, RuntimeError)
+
+
+def test_an_interrupted_run_exits_130(monkeypatch, tmp_path):
+    import lowrank_kit.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "compress_to_directory", interrupted)
+    res = runner.invoke(app, ["compress", "--method", "svd", "--ratio", "0.5", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 130  # 128 + SIGINT, as a shell reports Ctrl-C
+
+
+def test_recipe_show_resolves_auto_calibration_to_real_data():
+    import json
+
+    vlm = json.loads(
+        invoke(
+            "recipe", "show", "--model", "llava-1.5-7b", "--method", "wsvd", "--ratio", "0.6", "--json"
+        ).stdout
+    )
+    assert vlm["calibration"]["source"] == "hf" and vlm["calibration"]["dataset"] == "derek-thomas/ScienceQA"
+    testbed = json.loads(invoke("recipe", "show", "--method", "svd", "--ratio", "0.6", "--json").stdout)
+    assert testbed["calibration"]["source"] == "testbed"
+    packaged = json.loads(
+        invoke(
+            "recipe", "show", "--model", "smollm2-135m", "--method", "svdllm", "--ratio", "0.7", "--json"
+        ).stdout
+    )
+    assert packaged["calibration"] == {**packaged["calibration"], "source": "text", "dataset": "text:pydoc"}
+    named = json.loads(
+        invoke(
+            "recipe",
+            "show",
+            "--model",
+            "smollm2-135m",
+            "--method",
+            "svdllm",
+            "--ratio",
+            "0.7",
+            "--calib-dataset",
+            "hf:Salesforce/wikitext:wikitext-2-raw-v1",
+            "--calib-max-length",
+            "256",
+            "--json",
+        ).stdout
+    )
+    assert named["calibration"]["source"] == "text"
+    assert named["calibration"]["dataset"] == "hf:Salesforce/wikitext:wikitext-2-raw-v1"
+    assert named["calibration"]["max_length"] == 256
+
+
+def test_image_questions_for_a_text_model_are_refused():
+    result = invoke(
+        "recipe",
+        "show",
+        "--model",
+        "smollm2-135m",
+        "--method",
+        "svdllm",
+        "--ratio",
+        "0.7",
+        "--calib-source",
+        "hf",
+        "--calib-dataset",
+        "derek-thomas/ScienceQA",
+    )
+    assert result.exit_code == 2
+    assert "holds image questions, but this is a text-only model" in result.output

@@ -5,9 +5,13 @@ import pytest
 from lowrank_kit.errors import RecipeError, UnknownNameError
 from lowrank_kit.methods.base import MethodConfig
 from lowrank_kit.recipe import (
+    RHO1_MEANING,
     DecomposeStep,
     Recipe,
+    check_fraction,
     load_recipe,
+    parse_fractions,
+    parse_list,
     parse_recipe,
     recipe_from_flags,
     resolve_recipe,
@@ -164,6 +168,66 @@ def test_flag_errors():
         recipe_from_flags(ratio=0.5)
     with pytest.raises(RecipeError, match="nothing to do"):
         recipe_from_flags()
+    with pytest.raises(RecipeError, match=r"quantizer methods need --quant"):
+        recipe_from_flags(method="svd", ratio=0.5, quant_methods=["rtn"])
+
+
+def test_flags_choose_the_quantizers_of_a_scheme():
+    recipe = resolve_recipe(recipe_from_flags(quant="w4a4", quant_methods=["rtn"]))
+    assert recipe.quantize[0].methods == ["rtn"]
+    assert resolve_recipe(recipe_from_flags(quant="w4a4")).quantize[0].methods != ["rtn"]
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("model: testbed\nsteps:\n  - {type: decompose, method: svd, ratio: 0.5}\nmodel: other\n", "1 and 4"),
+        ("steps:\n  - type: decompose\n    method: svd\n    ratio: 0.5\n    ratio: 0.6\n", "4 and 5"),
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_key_and_file(tmp_path, text, line):
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    key = "model" if text.startswith("model") else "ratio"
+    with pytest.raises(
+        RecipeError,
+        match=rf"^recipe file '.*twice.yaml' sets '{key}' twice in one mapping \(lines {line}\); keep one of them$",
+    ):
+        load_recipe(path)
+
+
+def test_a_key_given_twice_in_json_is_an_error(tmp_path):
+    path = tmp_path / "twice.json"
+    path.write_text('{"steps": [{"type": "decompose", "method": "svd", "ratio": 0.5, "ratio": 0.4}]}')
+    with pytest.raises(RecipeError, match=r"recipe file '.*twice.json' sets 'ratio' twice in one mapping;"):
+        load_recipe(path)
+
+
+def test_a_merge_key_may_be_overridden(tmp_path):
+    # `<<:` merges a mapping whose keys the explicit ones beside it override: that is no duplicate.
+    path = tmp_path / "merge.yaml"
+    path.write_text("steps:\n  - <<: {type: decompose, method: svd, ratio: 0.4}\n    ratio: 0.5\n")
+    assert load_recipe(path).steps[0].ratio == 0.5
+
+
+def test_comma_separated_flag_values():
+    assert parse_list(" svd, wsvd,,", "--methods") == ["svd", "wsvd"]
+    assert parse_fractions("0.9, 0.5,1", "--ratios") == [0.9, 0.5, 1.0]
+    assert check_fraction(0.25, "--ratio") == 0.25
+    with pytest.raises(RecipeError, match=r"^--methods needs a comma-separated list, got ' , '$"):
+        parse_list(" , ", "--methods")
+    with pytest.raises(RecipeError, match=r"^--rho2 lists a value twice: '0.5,0.5'$"):
+        parse_fractions("0.5,0.5", "--rho2")
+    with pytest.raises(
+        RecipeError, match=r"^--rho2: 'half' is not a number; give fractions in \(0, 1\], e.g. 0.9,0.5$"
+    ):
+        parse_fractions("half", "--rho2")
+    with pytest.raises(RecipeError, match=r"^--rho2: 1.5 is outside \(0, 1\]$"):
+        parse_fractions("1.5", "--rho2")
+    with pytest.raises(
+        RecipeError, match=r"^--ratio: 0.0 is outside \(0, 1\]; ρ1 is the fraction of parameters kept$"
+    ):
+        check_fraction(0.0, "--ratio", RHO1_MEANING)
 
 
 def test_recipe_is_frozen_against_typos_on_assignment():

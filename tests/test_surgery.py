@@ -7,10 +7,10 @@ from lowrank_kit.errors import LowRankError
 from lowrank_kit.methods.allocation import dense_rank
 from lowrank_kit.methods.base import DecomposeJob
 from lowrank_kit.methods.svd import SVDDecomposer
-from lowrank_kit.models.loading import adapter_for_config
 from lowrank_kit.models.tiny import TINY_FAMILIES, build_tiny_model, family_available, tiny_inputs
 from lowrank_kit.pipeline import compress, count_parameters
 from lowrank_kit.recipe import recipe_from_flags
+from lowrank_kit.registry import adapter_for_config
 from lowrank_kit.surgery import apply_plan, build_structure, describe_structure
 
 FAMILIES = [

@@ -1,15 +1,14 @@
 """``lowrank bench speed``: decode-attention and end-to-end decode speed of a real architecture with
 random weights, on the GPU of this machine.
 
-It wraps the two benchmarks: :mod:`lowrank_kit.kernels.latent_attention.bench` (the latent kernel against
+It wraps the two benchmarks: :mod:`lowrank_kit.bench.kernel` (the latent kernel against
 SDPA on full K/V at the preset's attention shape, with a device-to-device copy as the ceiling) and
-:mod:`lowrank_kit.runtime.bench` (tokens/s of the uncompressed model on transformers against ``wsvd``
+:mod:`lowrank_kit.bench.e2e` (tokens/s of the uncompressed model on transformers against ``wsvd``
 decoding from latents). Both need CUDA; without it the command says so in one line.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -23,29 +22,12 @@ from lowrank_kit.errors import LowRankError
 
 
 def _positive_ints(text: str, flag: str) -> list[int]:
-    values = []
-    for part in (p.strip() for p in text.split(",")):
-        if not part.isdigit() or int(part) < 1:
-            raise LowRankError(f"{flag} takes comma-separated positive integers, e.g. 8,16; got {text!r}")
-        values.append(int(part))
-    if len(set(values)) != len(values):
-        raise LowRankError(f"{flag} lists a value twice: {text!r}")
-    return values
+    from lowrank_kit.recipe import parse_list
 
-
-def _fractions(text: str, flag: str) -> list[float]:
-    values = []
-    for part in (p.strip() for p in text.split(",")):
-        try:
-            value = float(part)
-        except ValueError:
-            raise LowRankError(
-                f"{flag}: {part!r} is not a number; give fractions in (0, 1], e.g. 0.9,0.5"
-            ) from None
-        if not 0.0 < value <= 1.0:
-            raise LowRankError(f"{flag}: {value} is outside (0, 1]")
-        values.append(value)
-    return values
+    values = parse_list(text, flag)
+    if not all(v.isdigit() and int(v) >= 1 for v in values):
+        raise LowRankError(f"{flag} takes comma-separated positive integers, e.g. 8,16; got {text!r}")
+    return [int(v) for v in values]
 
 
 def _kernel_table(res: dict[str, Any]) -> Table:
@@ -150,14 +132,14 @@ def speed(
     """Decode speed of ARCH with random weights: the latent kernel against SDPA, then end to end."""
     import torch
 
-    from lowrank_kit.kernels.latent_attention.bench import attention_shape
     from lowrank_kit.models.presets import get_preset
 
     get_preset(arch)  # an unknown alias is an error that lists the valid ones
     batches, lengths = _positive_ints(batch, "--batch"), _positive_ints(seq, "--seq")
-    rhos = tuple(_fractions(rho2, "--rho2"))
-    if not 0.0 < ratio <= 1.0:
-        raise LowRankError(f"--ratio: {ratio} is outside (0, 1]; ρ1 is the fraction of parameters kept")
+    from lowrank_kit.recipe import RHO1_MEANING, check_fraction, parse_fractions
+
+    rhos = tuple(parse_fractions(rho2, "--rho2"))
+    check_fraction(ratio, "--ratio", RHO1_MEANING)
     if steps < 1:
         raise LowRankError(f"--steps must be at least 1, got {steps}")
     if not (kernel or e2e):
@@ -167,6 +149,9 @@ def speed(
             "lowrank bench speed needs a CUDA GPU, and this machine has none (torch.cuda.is_available() is "
             "False); run it on a machine with an NVIDIA GPU"
         )
+    # The benchmarks import the model code, transformers and the runtime: only once there is work to do.
+    from lowrank_kit.bench.e2e import E2ESettings, run_e2e
+    from lowrank_kit.bench.kernel import KernelSettings, attention_shape, run
 
     def say(line: str) -> None:
         err_console.print(line, markup=False, highlight=False)
@@ -174,22 +159,16 @@ def speed(
     output.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     if kernel:
-        from lowrank_kit.kernels.latent_attention.bench import run
-
-        args = argparse.Namespace(
-            out=str(output / "kernel.json"),
+        kernel_settings = KernelSettings(
+            out=output / "kernel.json",
             batches=batches,
             lengths=lengths,
             grid="full",
             max_kv_gb=float("inf"),
             time_budget=time_budget,
-            sweep=False,
-            skip_index_order=False,
         )
-        results["kernel"] = run(args, models={arch: attention_shape(arch)}, rhos=rhos, say=say)
+        results["kernel"] = run(kernel_settings, models={arch: attention_shape(arch)}, rhos=rhos, say=say)
     if e2e:
-        from lowrank_kit.runtime.bench import E2ESettings, run_e2e
-
         settings = E2ESettings(
             arch=arch,
             batch=batches[0],

@@ -1,4 +1,5 @@
-"""``lowrank eval MODEL --data DATA``: multiple-choice accuracy, NLL and KL of the answer letter."""
+"""``lowrank eval MODEL --data DATA``: multiple-choice accuracy, NLL and KL of the answer letter; or, on a
+text corpus, perplexity (and KL against a reference model)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,11 @@ O_DATA = typer.Option(
     "--data",
     "-d",
     help="testbed, ScienceQA_TEST / ScienceQA_VAL / SEEDBench_IMG (from $LMUData), scienceqa / seedbench "
-    "(Hugging Face datasets), hf:<dataset id>, a VLMEvalKit TSV file or a save_to_disk directory.",
+    "(Hugging Face datasets), hf:<dataset id>, a VLMEvalKit TSV file or a save_to_disk directory; or a text "
+    "corpus for perplexity: text:pydoc (built in), text:PATH, or hf:DATASET[:CONFIG] for a text model "
+    "(e.g. hf:Salesforce/wikitext:wikitext-2-raw-v1).",
 )
+O_SEQ_LEN = typer.Option(512, "--seq-len", help="Perplexity on text: tokens per window.")
 O_LIMIT = typer.Option(None, "--limit", "-n", help="Evaluate only the first N items.")
 O_SPLIT = typer.Option(None, "--split", help="Split of a datasets / testbed source (default: test).")
 O_BATCH = typer.Option(8, "--batch-size", "-b", help="Items per batch (left-padded greedy decoding).")
@@ -97,10 +101,12 @@ def eval_command(
     batch_size: int = O_BATCH,
     max_new_tokens: int = O_TOKENS,
     prompt_style: str = O_STYLE,
+    seq_len: int = O_SEQ_LEN,
     reference: str | None = typer.Option(
         None,
         "--reference",
-        help="Uncompressed model to compare with: adds the KL of its option-letter distribution.",
+        help="Uncompressed model to compare with: adds the KL of its option-letter distribution (on text: "
+        "the mean per-token KL of its next-token distribution).",
     ),
     backend: str = typer.Option(
         "native",
@@ -125,7 +131,7 @@ def eval_command(
     from lowrank_kit.eval.datasets import load_eval_data
     from lowrank_kit.eval.engine import EvaluationError, evaluate
     from lowrank_kit.eval.grid import write_json_atomic
-    from lowrank_kit.models.loading import load_model
+    from lowrank_kit.loading import load_model
     from lowrank_kit.progress import RichReporter
 
     if backend not in BACKENDS:
@@ -134,7 +140,10 @@ def eval_command(
         raise unknown_name("backend", backend, BACKENDS)
     torch_dtype = _parse_dtype(dtype)
     reporter = RichReporter(err_console)
-    if backend == "vlmeval":
+    if data.startswith("text:") or _text_model(model):
+        summary = _perplexity(model, data, reference, split, limit, seq_len, batch_size, device, torch_dtype)
+        items_out = None
+    elif backend == "vlmeval":
         from lowrank_kit.eval.vlmeval_bridge import evaluate_with_vlmeval
 
         if reference is not None:
@@ -181,6 +190,68 @@ def eval_command(
         write_json_atomic(output, {**summary, "items": items_out} if items_out is not None else summary)
     if as_json:
         print_json(summary)
+    elif "perplexity" in summary:
+        out.print(perplexity_table(summary))
     else:
         for table in result_tables(summary, model, data):
             out.print(table)
+
+
+def _text_model(model: str) -> bool:
+    """Whether ``model`` is a text-only language model, read without loading it (False when unknown)."""
+    from lowrank_kit.loading import calibration_context
+
+    context = calibration_context(model)
+    return context is not None and context["text_only"]
+
+
+def _perplexity(
+    model: str,
+    data: str,
+    reference: str | None,
+    split: str | None,
+    limit: int | None,
+    seq_len: int,
+    batch_size: int,
+    device: str,
+    dtype: Any,
+) -> dict[str, Any]:
+    """Perplexity of ``model`` on the evaluation part of the text corpus ``data``."""
+    from lowrank_kit.data.text import corpus_text, parse_corpus, token_windows
+    from lowrank_kit.eval.engine import EvaluationError
+    from lowrank_kit.eval.perplexity import perplexity
+    from lowrank_kit.loading import load_model
+    from lowrank_kit.progress import RichReporter
+
+    if seq_len < 2:
+        raise EvaluationError(f"--seq-len must be at least 2 tokens, got {seq_len}")
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"--limit must be at least 1 window, got {limit}")
+    corpus = parse_corpus(data)
+    reporter = RichReporter(err_console)
+    loaded = load_model(model, dtype=dtype, device=device, reporter=reporter)
+    if loaded.processor is None:
+        raise EvaluationError(f"model {model!r} has no tokenizer, so text cannot be fed to it")
+    text = corpus_text(corpus, "evaluation", split=split)
+    windows = token_windows(loaded.processor, text, seq_len, max_windows=limit)
+    ref_model = None
+    if reference is not None:
+        ref_model = load_model(reference, dtype=dtype, device=device, reporter=reporter).model
+    result = perplexity(loaded.model, windows, batch_size=batch_size, reference=ref_model, reporter=reporter)
+    return {"model": model, "data": data, "part": "evaluation", "seq_len": seq_len, **result}
+
+
+def perplexity_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="lowrank eval", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", summary["model"])
+    table.add_row(
+        "data",
+        f"{summary['data']} (evaluation part, {summary['windows']} windows of {summary['seq_len']} tokens)",
+    )
+    table.add_row("perplexity", f"{summary['perplexity']:.4f}")
+    table.add_row("NLL per token", _fmt(summary["nll"]))
+    if summary.get("kl") is not None:
+        table.add_row("KL(reference ‖ model) per token", _fmt(summary["kl"], 5))
+    return table

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import statistics
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 
+import lowrank_kit
 from lowrank_kit.cli.bench import bench_app
 from lowrank_kit.cli.bench_speed import speed as _bench_speed  # noqa: F401  (registers `bench speed`)
 from lowrank_kit.cli.common import RATIO_HELP, _Group, _parse_dtype, err_console, out, print_json
 from lowrank_kit.cli.evaluate import eval_command
 from lowrank_kit.cli.testbed import testbed_app
+
+if TYPE_CHECKING:
+    from lowrank_kit.recipe import Recipe
 
 app = typer.Typer(
     cls=_Group,
@@ -22,90 +29,136 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Subcommands inherit the help names through click's context: `lowrank compress -h` works too.
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 recipe_app = typer.Typer(cls=_Group, help="Inspect recipes.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 
 
-def _build_recipe(
-    recipe: Path | None,
-    model: str | None,
-    method: str | None,
-    ratio: float | None,
-    rank: int | None,
-    quant: str | None,
-    calib_samples: int | None,
-    seed: int | None,
-    granularity: int | None,
-    rank_allocation: str | None,
-    calib_source: str | None,
-    calib_path: str | None,
-):
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"lowrank_kit {lowrank_kit.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_print_version, is_eager=True
+    ),
+) -> None:
+    """Options of `lowrank` itself; the app's help text above is what `lowrank -h` shows."""
+
+
+# The options that build a recipe, declared once for every command that takes them (`compress`,
+# `recipe show`): a command decorated with `_recipe_options` gets them all and receives the Recipe.
+_RECIPE_OPTIONS: dict[str, Any] = {
+    "recipe_file": Annotated[
+        Path | None, typer.Option("--recipe", help="Recipe file (YAML or JSON).", dir_okay=False)
+    ],
+    "model": Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="Alias (see `lowrank models`), hub id, local directory or `testbed`."
+        ),
+    ],
+    "method": Annotated[str | None, typer.Option("--method", help="Decomposer (see `lowrank methods`).")],
+    "ratio": Annotated[float | None, typer.Option("--ratio", help=RATIO_HELP)],
+    "rank": Annotated[
+        int | None,
+        typer.Option(
+            "--rank", help="Explicit rank per matrix (per head for per-head methods) instead of --ratio."
+        ),
+    ],
+    "quant": Annotated[
+        str | None,
+        typer.Option(
+            "--quant",
+            help="Quantization scheme: w8a8, w4a4, w8a4, w4a16, w8a16, then optionally -kv8/-kv4 (latent cache "
+            "bits) and -qat (e.g. w8a8-kv8-qat); see docs/quantization.md.",
+        ),
+    ],
+    "calib_samples": Annotated[
+        int | None, typer.Option("--calib-samples", help="Number of calibration samples (default 64).")
+    ],
+    "seed": Annotated[int | None, typer.Option("--seed", help="Calibration seed (default 0).")],
+    "granularity": Annotated[
+        int | None,
+        typer.Option("--granularity", help="Round ranks to multiples of this (8/16 suit the decode kernel)."),
+    ],
+    "rank_allocation": Annotated[
+        str | None,
+        typer.Option("--rank-allocation", help="uniform, importance or sensitivity (method-dependent)."),
+    ],
+    "calib_source": Annotated[
+        str | None,
+        typer.Option(
+            "--calib-source",
+            help="auto (default: real data for the model), testbed, tsv, hf (image questions) or text.",
+        ),
+    ],
+    "calib_path": Annotated[
+        str | None,
+        typer.Option("--calib-path", help="TSV file or save_to_disk directory for --calib-source tsv/hf."),
+    ],
+    "calib_dataset": Annotated[
+        str | None,
+        typer.Option(
+            "--calib-dataset",
+            help="Calibration dataset: a hub id of ScienceQA-style image questions (e.g. "
+            "derek-thomas/ScienceQA), or a text corpus: text:pydoc, text:PATH, hf:DATASET[:CONFIG].",
+        ),
+    ],
+    "calib_config": Annotated[
+        str | None, typer.Option("--calib-config", help="Config (subset) of the --calib-dataset hub dataset.")
+    ],
+    "calib_max_length": Annotated[
+        int | None,
+        typer.Option(
+            "--calib-max-length", help="Tokens per calibration sample (a text window; default 2048)."
+        ),
+    ],
+    "calib_split": Annotated[
+        str | None, typer.Option("--calib-split", help="Split of the calibration dataset (default train).")
+    ],
+}
+
+
+def _build_recipe(recipe_file: Path | None, model: str | None, **step_flags: Any) -> Recipe:
+    """The recipe of ``--recipe`` (``--model`` may replace its model) or of the step flags."""
     from lowrank_kit.recipe import DEFAULT_MODEL, RecipeError, load_recipe, recipe_from_flags
 
-    if recipe is not None:
-        step_flags = {
-            "--method": method,
-            "--ratio": ratio,
-            "--rank": rank,
-            "--quant": quant,
-            "--calib-samples": calib_samples,
-            "--seed": seed,
-            "--granularity": granularity,
-            "--rank-allocation": rank_allocation,
-            "--calib-source": calib_source,
-            "--calib-path": calib_path,
-        }
-        given = [k for k, v in step_flags.items() if v is not None]
+    if recipe_file is not None:
+        given = [f"--{name.replace('_', '-')}" for name, value in step_flags.items() if value is not None]
         if given:
             raise RecipeError(
                 f"--recipe cannot be combined with {', '.join(given)}; put them in the recipe file"
             )
-        loaded = load_recipe(recipe)
+        loaded = load_recipe(recipe_file)
         return loaded.model_copy(update={"model": model}) if model else loaded
-    return recipe_from_flags(
-        model=model or DEFAULT_MODEL,
-        method=method,
-        ratio=ratio,
-        rank=rank,
-        quant=quant,
-        calib_samples=calib_samples,
-        seed=seed,
-        granularity=granularity,
-        rank_allocation=rank_allocation,
-        calib_source=calib_source,
-        calib_path=calib_path,
-    )
+    return recipe_from_flags(model=model or DEFAULT_MODEL, **step_flags)
 
 
-# Options shared by `compress` and `recipe show`.
-O_RECIPE = typer.Option(None, "--recipe", help="Recipe file (YAML or JSON).", dir_okay=False)
-O_MODEL = typer.Option(
-    None, "--model", "-m", help="Alias (see `lowrank models`), hub id, local directory or `testbed`."
-)
-O_METHOD = typer.Option(None, "--method", help="Decomposer (see `lowrank methods`).")
-O_RATIO = typer.Option(None, "--ratio", help=RATIO_HELP)
-O_RANK = typer.Option(
-    None, "--rank", help="Explicit rank per matrix (per head for per-head methods) instead of --ratio."
-)
-O_QUANT = typer.Option(
-    None,
-    "--quant",
-    help="Quantization scheme: w8a8, w4a4, w8a4, w4a16, w8a16, then optionally -kv8/-kv4 (latent cache "
-    "bits) and -qat (e.g. w8a8-kv8-qat); see docs/quantization.md.",
-)
-O_CALIB = typer.Option(None, "--calib-samples", help="Number of calibration samples (default 64).")
-O_SEED = typer.Option(None, "--seed", help="Calibration seed (default 0).")
-O_GRAN = typer.Option(
-    None, "--granularity", help="Round ranks to multiples of this (8/16 suit the decode kernel)."
-)
-O_ALLOC = typer.Option(
-    None, "--rank-allocation", help="uniform, importance or sensitivity (method-dependent)."
-)
-O_CSRC = typer.Option(None, "--calib-source", help="testbed, tsv or hf.")
-O_CPATH = typer.Option(
-    None, "--calib-path", help="TSV file or save_to_disk directory for --calib-source tsv/hf."
-)
+def _recipe_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the options of :data:`_RECIPE_OPTIONS` (before its own); it is called with
+    ``recipe``, the :class:`~lowrank_kit.recipe.Recipe` they describe, in their place."""
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    shared = [inspect.Parameter(n, keyword, default=None, annotation=a) for n, a in _RECIPE_OPTIONS.items()]
+    own = [
+        p.replace(kind=keyword) for p in inspect.signature(command).parameters.values() if p.name != "recipe"
+    ]
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> None:
+        flags = {name: kwargs.pop(name) for name in _RECIPE_OPTIONS}
+        command(recipe=_build_recipe(**flags), **kwargs)
+
+    # typer reads the options from the signature and resolves the command's own (string) annotations
+    # in this module's namespace; `recipe` is not an option, so its annotation is never evaluated.
+    run.__signature__ = inspect.Signature([*shared, *own])
+    run.__annotations__ = {p.name: p.annotation for p in (*shared, *own)}
+    return run
 
 
 def _rank_summary(ranks: dict[str, dict[str, Any]]) -> dict[str, str]:
@@ -153,19 +206,9 @@ def _summary_table(report: dict[str, Any]) -> Table:
 
 
 @app.command()
+@_recipe_options
 def compress(
-    recipe: Path | None = O_RECIPE,
-    model: str | None = O_MODEL,
-    method: str | None = O_METHOD,
-    ratio: float | None = O_RATIO,
-    rank: int | None = O_RANK,
-    quant: str | None = O_QUANT,
-    calib_samples: int | None = O_CALIB,
-    seed: int | None = O_SEED,
-    granularity: int | None = O_GRAN,
-    rank_allocation: str | None = O_ALLOC,
-    calib_source: str | None = O_CSRC,
-    calib_path: str | None = O_CPATH,
+    recipe: Recipe,
     output: Path | None = typer.Option(
         None, "--output", "-o", help="Output directory (default: ./<model>-<method>-<ratio>)."
     ),
@@ -193,30 +236,16 @@ def compress(
     from lowrank_kit.pipeline import compress_to_directory
     from lowrank_kit.progress import RichReporter
 
-    r = _build_recipe(
-        recipe,
-        model,
-        method,
-        ratio,
-        rank,
-        quant,
-        calib_samples,
-        seed,
-        granularity,
-        rank_allocation,
-        calib_source,
-        calib_path,
-    )
     if output is None:
-        dec = r.decompose
-        parts = [Path(r.model).name or "model"]
+        dec = recipe.decompose
+        parts = [Path(recipe.model).name or "model"]
         if dec is not None:
             parts += [dec.method, str(dec.ratio if dec.ratio is not None else f"rank{dec.rank}")]
-        parts += [q.scheme for q in r.quantize]
+        parts += [q.scheme for q in recipe.quantize]
         output = Path("-".join(parts))
     torch_dtype = _parse_dtype(dtype)
     result = compress_to_directory(
-        r,
+        recipe,
         output,
         overwrite=overwrite,
         reporter=RichReporter(err_console),
@@ -269,7 +298,7 @@ def methods(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 @app.command()
 def models(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List supported model aliases and families."""
-    from lowrank_kit.models.loading import list_models
+    from lowrank_kit.loading import list_models
 
     rows = list_models()
     if as_json:
@@ -302,40 +331,26 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
 
 @recipe_app.command("show")
+@_recipe_options
 def recipe_show(
-    recipe: Path | None = O_RECIPE,
-    model: str | None = O_MODEL,
-    method: str | None = O_METHOD,
-    ratio: float | None = O_RATIO,
-    rank: int | None = O_RANK,
-    quant: str | None = O_QUANT,
-    calib_samples: int | None = O_CALIB,
-    seed: int | None = O_SEED,
-    granularity: int | None = O_GRAN,
-    rank_allocation: str | None = O_ALLOC,
-    calib_source: str | None = O_CSRC,
-    calib_path: str | None = O_CPATH,
+    recipe: Recipe,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of YAML."),
 ) -> None:
-    """Print the resolved recipe (every method parameter filled in) that flags or a file describe."""
+    """Print the resolved recipe (every method parameter filled in, and the calibration data the model
+    will get) that flags or a file describe."""
+    from lowrank_kit.data.sources import resolve_calibration
+    from lowrank_kit.loading import calibration_context
     from lowrank_kit.recipe import resolve_recipe
 
-    r = resolve_recipe(
-        _build_recipe(
-            recipe,
-            model,
-            method,
-            ratio,
-            rank,
-            quant,
-            calib_samples,
-            seed,
-            granularity,
-            rank_allocation,
-            calib_source,
-            calib_path,
+    r = resolve_recipe(recipe)
+    context = calibration_context(r.model)
+    if context is None:
+        err_console.print(
+            f"calibration.source stays 'auto': the config of {r.model!r} is not available offline, so it is "
+            "chosen when the model loads (ScienceQA for a VLM, wikitext-2 for a text model)"
         )
-    )
+    else:
+        r = r.model_copy(update={"calibration": resolve_calibration(r.calibration, **context)})
     if as_json:
         print_json(r.to_dict())
     else:

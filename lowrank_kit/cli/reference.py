@@ -9,6 +9,19 @@ from typing import Any
 
 import typer
 
+# What `lowrank` exits with; `_Group` (cli/common.py) turns a lowrank_kit error into code 2.
+EXIT_CODES = (
+    (0, "success"),
+    (1, "the run failed: an unexpected error, printed with its traceback (please report it)"),
+    (
+        2,
+        "bad input: an unknown option or a malformed value, or a lowrank_kit error about the input or the "
+        "environment (a recipe, a model, data, a checkpoint, the output directory), printed as one "
+        "`Error: ...` line that says what is wrong and what to do",
+    ),
+    (130, "interrupted (Ctrl-C)"),
+)
+
 
 def _options(cmd: Any) -> list[str]:
     rows = []
@@ -29,8 +42,10 @@ def _options(cmd: Any) -> list[str]:
 
 def _walk(cmd: Any, path: list[str], out: list[str]) -> None:
     if hasattr(cmd, "commands"):
-        if path[1:]:
-            out.append(f"## `{' '.join(path)}`\n\n{(cmd.help or '').strip()}\n")
+        out.append(f"## `{' '.join(path)}`\n\n{(cmd.help or '').strip()}\n")
+        rows = _options(cmd)
+        if rows:
+            out.extend(["| option | description | default |", "|---|---|---|", *rows, ""])
         for name in sorted(cmd.commands):
             _walk(cmd.commands[name], [*path, name], out)
         return
@@ -50,7 +65,13 @@ def render(app: typer.Typer | None = None) -> str:
         "# CLI reference",
         "",
         "Generated from the typer app by `python -m lowrank_kit.cli.reference > docs/cli.md`; a test fails when",
-        "this file is stale.",
+        "this file is stale. Every command takes `-h` / `--help`.",
+        "",
+        "## Exit codes",
+        "",
+        "| code | meaning |",
+        "|---|---|",
+        *(f"| {code} | {meaning} |" for code, meaning in EXIT_CODES),
         "",
     ]
     _walk(root, ["lowrank"], out)

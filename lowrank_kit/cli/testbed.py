@@ -84,7 +84,7 @@ def export(
     seed: int = typer.Option(0, "--seed", help="Generator seed (0 is the standard set)."),
 ) -> None:
     """Write the testbed's questions as a VLMEvalKit multiple-choice TSV (images as base64 PNG)."""
-    from lowrank_kit.testbed.generator import export_tsv
+    from lowrank_kit.data.synthetic import export_tsv
 
     path = export_tsv(split, output, n=limit, seed=seed)
     err_console.print(f"wrote {path}")

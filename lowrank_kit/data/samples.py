@@ -18,7 +18,7 @@ import torch
 from lowrank_kit.data.calibration import CalibrationSample
 from lowrank_kit.data.items import VQAItem, build_mcq_prompt
 from lowrank_kit.errors import CalibrationError, ModelLoadError
-from lowrank_kit.models.families import chat_template_inputs
+from lowrank_kit.models.families.common import chat_template_inputs
 
 IGNORE_INDEX = -100
 

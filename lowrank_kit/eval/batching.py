@@ -15,7 +15,7 @@ that is a property of the input's name, the same for every family that produces 
 - Molmo2's ``image_token_pooling``: up to transformers 5.23 it indexes the flattened patches of the
   whole batch, so each item's indices are shifted by the patches of the items before it (padding
   entries stay -1); from 5.25 each image's indices address its own patches and the model shifts them,
-  so they are only stacked (:func:`~lowrank_kit.models.families.molmo2_pooling_per_image`).
+  so they are only stacked (:func:`~lowrank_kit.models.families.molmo2.molmo2_pooling_per_image`).
 
 An input not named here is an error rather than something silently dropped or guessed.
 """
@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from lowrank_kit.errors import LowRankError
+from lowrank_kit.models.families.molmo2 import molmo2_pooling_per_image
 
 TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 STACK_KEYS = (
@@ -106,8 +107,6 @@ def collate(inputs: Sequence[dict[str, torch.Tensor]], pad_token_id: int) -> dic
         if key in keys:
             batch[key] = _stack([row[key] for row in inputs])
     if POOLING_KEY in keys:
-        from lowrank_kit.models.families import molmo2_pooling_per_image
-
         shifted = [row[POOLING_KEY] for row in inputs]
         if not molmo2_pooling_per_image():
             offset = 0

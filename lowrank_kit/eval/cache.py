@@ -25,7 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 
+import lowrank_kit
 from lowrank_kit.data.items import VQAItem
 from lowrank_kit.paths import cache_subdir
 
@@ -67,9 +69,6 @@ def inputs_digest(inputs: dict[str, torch.Tensor]) -> str:
 
 
 def environment_key(device: torch.device) -> dict[str, Any]:
-    import transformers
-
-    import lowrank_kit
 
     return {
         "eval_cache_version": EVAL_CACHE_VERSION,
@@ -78,10 +77,6 @@ def environment_key(device: torch.device) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "device": torch.device(device).type,
     }
-
-
-def key_digest(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class EvalCache:

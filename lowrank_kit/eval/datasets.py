@@ -1,6 +1,6 @@
 """What ``--data`` names: the testbed, a VLMEvalKit dataset under ``$LMUData``, a TSV, or a ``datasets`` dataset.
 
-- ``testbed``: the testbed's standard test split (``lowrank_kit.testbed.generator.generate_items("test")``).
+- ``testbed``: the testbed's standard test split (``lowrank_kit.data.synthetic.generate_items("test")``).
 - ``ScienceQA_TEST``, ``ScienceQA_VAL``, ``SEEDBench_IMG``: VLMEvalKit's own TSV files, read from
   ``$LMUData/<name>.tsv`` (VLMEvalKit's data folder, ``~/LMUData`` when the variable is unset; VLMEvalKit
   downloads them there on first use). Any other ``<name>`` whose TSV is in that folder works too.
@@ -31,6 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from lowrank_kit.data.items import VQAItem
+from lowrank_kit.data.sources import items_from_rows
+from lowrank_kit.data.synthetic import generate_items
+from lowrank_kit.data.tsv import load_tsv
 from lowrank_kit.eval.engine import EvaluationError
 
 log = logging.getLogger(__name__)
@@ -125,7 +128,6 @@ def _seed_rows_to_items(rows: Sequence[dict[str, Any]], origin: str) -> list[VQA
 
 def items_from_dataset(rows: Sequence[dict[str, Any]], origin: str) -> list[VQAItem]:
     """Items from ``datasets`` rows with ScienceQA-style or SEED-Bench-style fields (see the module docstring)."""
-    from lowrank_kit.data.sources import items_from_rows
 
     if len(rows) == 0:
         raise EvaluationError(f"{origin} is empty")
@@ -179,7 +181,6 @@ def _from_disk(path: Path, split: str) -> list[VQAItem]:
 
 def load_eval_data(data: str, *, limit: int | None = None, split: str | None = None) -> EvalData:
     """Resolve ``--data`` (see the module docstring); ``limit`` keeps the first N items."""
-    from lowrank_kit.data.tsv import load_tsv
 
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise EvaluationError(f"--limit must be a positive integer, got {limit!r}")
@@ -188,8 +189,6 @@ def load_eval_data(data: str, *, limit: int | None = None, split: str | None = N
     split_name = split or DEFAULT_SPLIT
     path = Path(data).expanduser()
     if data == "testbed":
-        from lowrank_kit.testbed.generator import generate_items
-
         items, source = generate_items(split or "test"), "testbed"
     elif data in HF_DATASETS:
         items, source = _from_hub(HF_DATASETS[data], split_name), "hf"

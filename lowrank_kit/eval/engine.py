@@ -34,11 +34,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
+from lowrank_kit.calib_cache import key_digest, model_digest
 from lowrank_kit.data.items import LETTERS, PROMPT_STYLES, VQAItem
+from lowrank_kit.data.samples import IGNORE_INDEX, make_sample, prompt_inputs
 from lowrank_kit.errors import LowRankError
 from lowrank_kit.eval.batching import collate
-from lowrank_kit.eval.cache import EvalCache, environment_key, inputs_digest, item_digest, key_digest
+from lowrank_kit.eval.cache import EvalCache, environment_key, inputs_digest, item_digest
 from lowrank_kit.eval.matching import extract_answer
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 
@@ -155,7 +158,6 @@ def answer_tokens(
     processor: Any, adapter, item: VQAItem, n_letters: int, *, prompt_style: str = "letter"
 ) -> AnswerTokens:
     """Render ``item``'s assistant turn with each of the first ``n_letters`` letters and compare tokens."""
-    from lowrank_kit.data.samples import IGNORE_INDEX, make_sample
 
     if n_letters > len(item.options):
         item = dataclasses.replace(item, options=[*item.options, *LETTERS[len(item.options) : n_letters]])
@@ -238,7 +240,6 @@ def answer_logits(model: nn.Module, batch: dict[str, torch.Tensor], prefix: Sequ
 
 def greedy_config(generation: dict[str, Any], *, output_logits: bool = False):
     """The generation config of every evaluation: greedy, nothing from the checkpoint's own defaults."""
-    from transformers import GenerationConfig
 
     return GenerationConfig(
         max_new_tokens=generation["max_new_tokens"],
@@ -339,7 +340,6 @@ def evaluate(
     the same prompts, through the same cache), or its :class:`EvalResult` on the same items.
     ``cache``: reuse and store per-item results (:class:`~lowrank_kit.eval.cache.EvalCache`).
     """
-    from lowrank_kit.data.samples import prompt_inputs
 
     items = list(items)
     _check_settings(items, batch_size, max_new_tokens, prompt_style)
@@ -357,8 +357,6 @@ def evaluate(
 
     base_key: dict[str, Any] | None = None
     if cache is not None:
-        from lowrank_kit.calib_cache import model_digest
-
         base_key = {
             **environment_key(device),
             "model": model_digest(model),

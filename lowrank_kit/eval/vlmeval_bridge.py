@@ -22,6 +22,8 @@ VLMEvalKit is not on PyPI under its own name: install it from its git repository
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.util
 import logging
 import os
 import re
@@ -31,7 +33,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lowrank_kit.eval.engine import EvaluationError
+import pandas as pd
+from PIL import Image
+
+from lowrank_kit.data.items import LETTERS, PROMPT_STYLES, VQAItem, build_mcq_prompt
+from lowrank_kit.data.tsv import write_tsv
+from lowrank_kit.eval.datasets import VLMEVAL_DATASETS, lmu_data_root, load_eval_data
+from lowrank_kit.eval.engine import EvaluationError, _tokenizer, generate_texts, generation_settings
+from lowrank_kit.models.families.common import chat_template_inputs
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 
 log = logging.getLogger(__name__)
@@ -44,7 +53,6 @@ INSTALL_HINT = (
 
 
 def vlmeval_available() -> bool:
-    import importlib.util
 
     return importlib.util.find_spec("vlmeval") is not None
 
@@ -80,13 +88,7 @@ def _environ(**values: str | None) -> Iterator[None]:
 
 
 def make_vlmeval_model(loaded, *, max_new_tokens: int, prompt_style: str):
-    """``loaded`` (a :class:`~lowrank_kit.models.loading.LoadedModel`) as a VLMEvalKit model instance."""
-    import pandas as pd
-    from PIL import Image
-
-    from lowrank_kit.data.items import LETTERS, VQAItem, build_mcq_prompt
-    from lowrank_kit.eval.engine import _tokenizer, generate_texts, generation_settings
-    from lowrank_kit.models.families import chat_template_inputs
+    """``loaded`` (a :class:`~lowrank_kit.loading.LoadedModel`) as a VLMEvalKit model instance."""
 
     BaseModel, *_ = require_vlmeval()
     generation = generation_settings(loaded.model, loaded.processor, max_new_tokens)
@@ -166,9 +168,6 @@ def evaluate_with_vlmeval(
     work_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``loaded`` on ``data`` through VLMEvalKit (see the module docstring); returns a summary."""
-    from lowrank_kit.data.items import PROMPT_STYLES
-    from lowrank_kit.data.tsv import write_tsv
-    from lowrank_kit.eval.datasets import VLMEVAL_DATASETS, lmu_data_root, load_eval_data
 
     if prompt_style not in PROMPT_STYLES:
         raise EvaluationError(f"unknown prompt style {prompt_style!r}; available: {', '.join(PROMPT_STYLES)}")
@@ -238,6 +237,5 @@ def evaluate_with_vlmeval(
 
 
 def _with_split(item, split: str):
-    import dataclasses
 
     return dataclasses.replace(item, split=split)

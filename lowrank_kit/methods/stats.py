@@ -16,7 +16,8 @@ The loss is the teacher-forced cross-entropy on the answer tokens (:func:`answer
 ``t-1`` predicts ``labels[t]``. Results are plain tensors in dicts keyed by layer and target, so that an
 on-disk cache can store them with safetensors (:meth:`InputStats.state_dict`).
 
-:class:`StageRecorder` times each stage and records its peak memory for ``Plan.report``.
+:class:`StageRecorder` times each stage and records its peak memory, for ``Plan.report`` and for the
+pipeline's report (:func:`lowrank_kit.pipeline.compress` times its steps with it).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ FP16_LOSS_SCALE = 2.0**12
 
 # -- stage timing -----------------------------------------------------------------------------------
 def _peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (the OS reports kB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 

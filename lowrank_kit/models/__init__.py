@@ -1,4 +1,4 @@
-"""Model families, aliases, tiny models and loading.
+"""Model families, aliases and tiny models (loading is :mod:`lowrank_kit.loading`).
 
 Names are resolved lazily so that importing :mod:`lowrank_kit.models.base` (the registry does) stays cheap.
 """
@@ -13,19 +13,11 @@ _EXPORTS = {
     "ModelAdapter": "lowrank_kit.models.base",
     "RopeInfo": "lowrank_kit.models.base",
     "ADAPTERS": "lowrank_kit.models.families",
-    "chat_template_inputs": "lowrank_kit.models.families",
+    "chat_template_inputs": "lowrank_kit.models.families.common",
     "PRESETS": "lowrank_kit.models.presets",
     "Preset": "lowrank_kit.models.presets",
     "build_random_model": "lowrank_kit.models.presets",
     "preset_config": "lowrank_kit.models.presets",
-    "LoadedModel": "lowrank_kit.models.loading",
-    "ModelSpec": "lowrank_kit.models.loading",
-    "adapter_for_config": "lowrank_kit.models.loading",
-    "list_models": "lowrank_kit.models.loading",
-    "load_model": "lowrank_kit.models.loading",
-    "load_processor": "lowrank_kit.models.loading",
-    "model_class_for": "lowrank_kit.models.loading",
-    "resolve_model": "lowrank_kit.models.loading",
     "build_tiny_model": "lowrank_kit.models.tiny",
     "build_tiny_processor": "lowrank_kit.models.tiny",
     "save_tiny_checkpoint": "lowrank_kit.models.tiny",

@@ -57,6 +57,13 @@ class AttentionInfo:
         return self.heads_of(target) * self.head_dim
 
 
+def config_identity(config: Any) -> tuple[str | None, tuple[str, ...]]:
+    """``(model_type, architectures)`` of a transformers config or a ``config.json`` dict."""
+    if isinstance(config, dict):
+        return config.get("model_type"), tuple(config.get("architectures") or ())
+    return getattr(config, "model_type", None), tuple(getattr(config, "architectures", None) or ())
+
+
 def get_submodule(root: nn.Module, dotted: str) -> nn.Module:
     return root.get_submodule(dotted) if dotted else root
 
@@ -109,11 +116,21 @@ class ModelAdapter:
     # Post-norm layers (Molmo2 ``norm_after``) cannot have their norm gains folded into the next linear.
     norm_after: Callable[[Any], bool] = lambda config: False
     trust_remote_code: bool = False
+    # Set for a family that is recognised (so the error can say why) but refused: the reason, one line.
+    unsupported: str = ""
     # Inputs for generate/forward from (processor, image, messages). Default: the processor's chat template.
     build_inputs: Callable[..., dict[str, torch.Tensor]] | None = None
     # A tiny config of this family for tests and random-weight benchmarks (hidden 32-64, 2 layers).
     tiny_config: Callable[[], Any] | None = None
+    # Inputs for a model of that config without a processor, from (config, batch, generator, dtype): ids with
+    # the family's image placeholders and pixel tensors of the right shape; models.tiny adds attention_mask.
+    tiny_inputs: Callable[[Any, int, torch.Generator, torch.dtype], dict[str, torch.Tensor]] | None = None
     description: str = ""
+
+    @property
+    def text_only(self) -> bool:
+        """A language model without a vision side (``vision_tower`` empty): a tokenizer, not a processor."""
+        return not self.vision_tower
 
     # -- structure -------------------------------------------------------------------------------
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:

@@ -24,9 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from lowrank_kit.errors import ModelLoadError, unknown_name
+from lowrank_kit.models.classes import model_class_for
 
 
 @dataclass(frozen=True)
@@ -338,8 +340,6 @@ def get_preset(alias: str) -> Preset:
 
 def preset_config(alias: str):
     """The transformers config of the checkpoint behind ``alias`` (no download)."""
-    import transformers
-
     preset = get_preset(alias)
     data = dict(preset.config)
     model_type = data.pop("model_type")
@@ -365,8 +365,6 @@ def build_random_model(
     builds shapes only, for parameter counts without memory. ``config``: build this edited copy of the
     preset's config instead (fewer layers for a quick run, say).
     """
-    from lowrank_kit.models.loading import model_class_for
-
     config = preset_config(alias) if config is None else config
     cls = model_class_for(config)
     target = torch.device(device)

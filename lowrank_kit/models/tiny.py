@@ -1,9 +1,11 @@
 """Tiny models of every family, with valid image+text inputs, for tests and random-weight runs.
 
+Everything is read from the registered adapters, so a plugin's family works as a built-in one does.
 :func:`build_tiny_model` builds a family's tiny config (``adapter.tiny_config``) with seeded random
-weights; :func:`tiny_inputs` makes inputs for it without a processor (the right number of image
-placeholder tokens and pixel tensors of the right shape, plus ``image_sizes`` / ``image_grid_thw`` /
-``pixel_attention_mask`` / Molmo2's pooling indices as the family needs); :func:`save_tiny_checkpoint`
+weights; :func:`tiny_inputs` makes inputs for it without a processor (``adapter.tiny_inputs``: the right
+number of image placeholder tokens and pixel tensors of the right shape, plus ``image_sizes`` /
+``image_grid_thw`` / ``pixel_attention_mask`` / Molmo2's pooling indices as the family needs) and adds the
+attention mask; :func:`save_tiny_checkpoint`
 writes a local model directory (config, safetensors and, for LLaVA, a tiny processor) so that loading
 code runs on real files. :func:`build_tiny_processor` makes LLaVA's processor from in-code parts: a
 character-level tokenizer, a CLIP image processor at the tiny image size and a LLaVA-1.5-style chat
@@ -13,47 +15,37 @@ template.
 from __future__ import annotations
 
 import string
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+from tokenizers.models import WordLevel
 from torch import nn
+from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
 from lowrank_kit.errors import ModelLoadError, unknown_name
 from lowrank_kit.models.base import ModelAdapter
-from lowrank_kit.models.families import (
-    TINY_BOS,
-    TINY_EOS,
-    TINY_IMAGE_TOKEN,
-    TINY_PAD,
-    molmo2_pooling_per_image,
-)
+from lowrank_kit.models.families import ADAPTERS
+from lowrank_kit.models.families.common import TINY_BOS, TINY_EOS, TINY_IMAGE_TOKEN, TINY_PAD, TINY_TEXT_IDS
+from lowrank_kit.registry import adapter_for_config, adapters, get_adapter, get_registry
 
-# Prompt tokens are drawn below the placeholder ids, so a random prompt never contains an image token.
-_TEXT_IDS = (4, 200)
-_PREFIX, _SUFFIX = 3, 4
+# The built-in families with a tiny model; a plugin's family is reached by its name all the same.
+TINY_FAMILIES = tuple(a.name for a in ADAPTERS if a.tiny_config is not None and a.tiny_inputs is not None)
 
 
 def _adapter(family: str) -> ModelAdapter:
-    from lowrank_kit.registry import get_registry
-
-    reg = get_registry()
-    if family not in reg.names("model_adapter"):
-        raise unknown_name("model family", family, reg.names("model_adapter"))
-    adapter = reg.get("model_adapter", family)
+    names = get_registry().names("model_adapter")
+    if family not in names:
+        raise unknown_name("model family", family, names)
+    adapter = get_adapter(family)
     if adapter.tiny_config is None:
         raise ModelLoadError(f"model family {family!r} has no tiny config; {adapter.description}")
     return adapter
 
 
-TINY_FAMILIES = ("llava", "llava_next", "smolvlm", "qwen2_vl", "qwen2_5_vl", "molmo2")
-
-
 def family_available(family: str) -> bool:
     """Whether the installed transformers has this family's model class (Molmo2 needs >= 5.20 or so)."""
-    import transformers
-
     return hasattr(transformers, _adapter(family).model_class)
 
 
@@ -64,10 +56,14 @@ def tiny_config(family: str):
 
 def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A tiny ``family`` model with weights drawn from ``seed``, in eval mode, on the CPU."""
-    from lowrank_kit.models.loading import model_class_for
-
-    config = tiny_config(family)
-    cls = model_class_for(config)
+    adapter = _adapter(family)
+    config = adapter.tiny_config()
+    cls = getattr(transformers, adapter.model_class, None)
+    if cls is None:
+        raise ModelLoadError(
+            f"{adapter.model_class} is not in transformers {transformers.__version__}; "
+            "upgrade transformers to build this family's tiny model"
+        )
     # A private RNG stream: building a tiny model must not shift the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -75,145 +71,30 @@ def build_tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.floa
     return model.eval()
 
 
-# -- inputs without a processor ------------------------------------------------------------------------
-def _text_ids(gen: torch.Generator, batch: int, n: int) -> torch.Tensor:
-    return torch.randint(*_TEXT_IDS, (batch, n), generator=gen)
-
-
-def _wrap(gen: torch.Generator, batch: int, image_block: torch.Tensor) -> torch.Tensor:
-    """``prefix + image_block + suffix`` per row: text around one image, as a chat template places it."""
-    block = image_block.unsqueeze(0).expand(batch, -1)
-    return torch.cat([_text_ids(gen, batch, _PREFIX), block, _text_ids(gen, batch, _SUFFIX)], dim=1)
-
-
-def _pixels(gen: torch.Generator, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    return torch.randn(shape, generator=gen).to(dtype)
-
-
-def _llava_inputs(config: Any, batch: int, gen: torch.Generator, dtype: torch.dtype) -> dict:
-    vision = config.vision_config
-    side = vision.image_size // vision.patch_size
-    # The "default" strategy drops the CLS token; "full" keeps it.
-    n_tokens = side * side + (1 if config.vision_feature_select_strategy == "full" else 0)
-    ids = _wrap(gen, batch, torch.full((n_tokens,), config.image_token_id))
-    pixels = _pixels(gen, (batch, 3, vision.image_size, vision.image_size), dtype)
-    return {"input_ids": ids, "pixel_values": pixels}
-
-
-def _llava_next_inputs(config: Any, batch: int, gen: torch.Generator, dtype: torch.dtype) -> dict:
-    vision = config.vision_config
-    size = vision.image_size
-    if [size, size] not in [list(p) for p in config.image_grid_pinpoints]:
-        raise ValueError(
-            f"tiny LLaVA-NeXT inputs use one {size}x{size} tile, but image_grid_pinpoints "
-            f"{config.image_grid_pinpoints} has no [{size}, {size}]"
-        )
-    side = size // vision.patch_size
-    # An image of exactly one tile: the base view (side² features) plus the tile's side×side features
-    # with one newline feature per row; nothing to unpad because the aspect ratio is 1.
-    n_tokens = side * side + side * (side + 1)
-    ids = _wrap(gen, batch, torch.full((n_tokens,), config.image_token_id))
-    pixels = _pixels(gen, (batch, 2, 3, size, size), dtype)
-    sizes = torch.tensor([[size, size]] * batch)
-    return {"input_ids": ids, "pixel_values": pixels, "image_sizes": sizes}
-
-
-def _smolvlm_inputs(config: Any, batch: int, gen: torch.Generator, dtype: torch.dtype) -> dict:
-    vision = config.vision_config
-    size = vision.image_size
-    n_tokens = (size // vision.patch_size) ** 2 // config.scale_factor**2
-    ids = _wrap(gen, batch, torch.full((n_tokens,), config.image_token_id))
-    pixels = _pixels(gen, (batch, 1, 3, size, size), dtype)
-    mask = torch.ones((batch, 1, size, size), dtype=torch.bool)
-    return {"input_ids": ids, "pixel_values": pixels, "pixel_attention_mask": mask}
-
-
-def _qwen_vl_inputs(config: Any, batch: int, gen: torch.Generator, dtype: torch.dtype) -> dict:
-    vision = config.vision_config
-    merge = vision.spatial_merge_size
-    grid = (1, 2 * merge, 2 * merge)  # one frame of 2×2 merged tokens, each from merge×merge patches
-    n_patches = grid[0] * grid[1] * grid[2]
-    n_tokens = n_patches // merge**2
-    block = torch.tensor(
-        [config.vision_start_token_id] + [config.image_token_id] * n_tokens + [config.vision_end_token_id]
-    )
-    ids = _wrap(gen, batch, block)
-    channels = getattr(vision, "in_channels", None) or vision.in_chans
-    patch_dim = channels * vision.temporal_patch_size * vision.patch_size**2
-    pixels = _pixels(gen, (batch * n_patches, patch_dim), dtype)
-    return {
-        "input_ids": ids,
-        "pixel_values": pixels,
-        "image_grid_thw": torch.tensor([grid] * batch),
-        # M-RoPE gives image tokens 3-D positions; this marks which tokens they are (1 = image).
-        "mm_token_type_ids": (ids == config.image_token_id).long(),
-    }
-
-
-def _molmo2_inputs(config: Any, batch: int, gen: torch.Generator, dtype: torch.dtype) -> dict:
-    vision = config.vision_config
-    rows, cols = (s // vision.patch_size for s in vision.image_size)
-    n_patches = rows * cols
-    per_image = molmo2_pooling_per_image()
-    # One crop per image; each image token attention-pools a 2×2 block of that crop's patches.
-    pool = []
-    for r in range(0, rows - 1, 2):
-        for c in range(0, cols - 1, 2):
-            pool.append([r * cols + c, r * cols + c + 1, (r + 1) * cols + c, (r + 1) * cols + c + 1])
-    pool_t = torch.tensor(pool)
-    n_tokens = len(pool)
-    block = torch.tensor(
-        [config.image_start_token_id] + [config.image_patch_id] * n_tokens + [config.image_end_token_id]
-    )
-    ids = _wrap(gen, batch, block)
-    patch_dim = vision.num_channels * vision.patch_size**2
-    return {
-        "input_ids": ids,
-        "pixel_values": _pixels(gen, (batch, n_patches, patch_dim), dtype),
-        # Pooling indices address each image's own crops (transformers >= 5.25) or the crops of the
-        # whole batch, flattened (earlier): whichever the installed model expects.
-        "image_token_pooling": torch.cat(
-            [pool_t if per_image else pool_t + i * n_patches for i in range(batch)]
-        ),
-        # [low-res rows, low-res cols, high-res rows, high-res cols]: all tokens in the first grid.
-        "image_grids": torch.tensor([[rows // 2, cols // 2, 0, 0]] * batch),
-        "image_num_crops": torch.ones(batch, dtype=torch.long),
-        "mm_token_type_ids": (ids == config.image_patch_id).long(),
-    }
-
-
-_INPUT_BUILDERS: dict[str, Callable[[Any, int, torch.Generator, torch.dtype], dict]] = {
-    "llava": _llava_inputs,
-    "llava_next": _llava_next_inputs,
-    "smolvlm": _smolvlm_inputs,
-    "qwen2_vl": _qwen_vl_inputs,
-    "qwen2_5_vl": _qwen_vl_inputs,
-    "molmo2": _molmo2_inputs,
-}
-
-
 def tiny_inputs(model_or_family: nn.Module | str, batch: int = 1, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Valid image+text inputs (one image per row) for a tiny model of a built-in family.
+    """Valid image+text inputs (one image per row) for a tiny model of a registered family.
 
     Pass the model (its config and dtype are used) or a family name (the family's tiny config, fp32).
+    The family's adapter builds them (``adapter.tiny_inputs``); this adds the attention mask.
     Pixel values are random: these inputs exercise shapes and code paths, not image understanding.
     """
-    from lowrank_kit.models.loading import adapter_for_config
-
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
     if isinstance(model_or_family, str):
-        config, dtype = tiny_config(model_or_family), torch.float32
+        adapter = _adapter(model_or_family)
+        config, dtype = adapter.tiny_config(), torch.float32
     else:
         config = model_or_family.config
         dtype = next(model_or_family.parameters()).dtype
-    family = adapter_for_config(config).name
-    if family not in _INPUT_BUILDERS:
+        adapter = adapter_for_config(config)
+    if adapter.tiny_inputs is None:
+        available = sorted(a.name for a in adapters() if a.tiny_inputs is not None)
         raise ModelLoadError(
-            f"no tiny inputs for model family {family!r}; available: {', '.join(sorted(_INPUT_BUILDERS))}"
+            f"no tiny inputs for model family {adapter.name!r}: its adapter sets no tiny_inputs; "
+            f"available: {', '.join(available)}"
         )
     gen = torch.Generator().manual_seed(seed)
-    inputs = _INPUT_BUILDERS[family](config, batch, gen, dtype)
+    inputs = adapter.tiny_inputs(config, batch, gen, dtype)
     inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
     if not isinstance(model_or_family, str):
         device = next(model_or_family.parameters()).device
@@ -240,14 +121,11 @@ TINY_LLAVA_CHAT_TEMPLATE = (
 
 def _tiny_tokenizer():
     """A character-level tokenizer over printable ASCII, with LLaVA's special tokens at the tiny ids."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {"<unk>": 0, "<s>": TINY_BOS, "</s>": TINY_EOS, "<pad>": TINY_PAD}
     for i, ch in enumerate(string.printable):
-        vocab[ch] = _TEXT_IDS[0] + i
+        vocab[ch] = TINY_TEXT_IDS[0] + i
     vocab["<image>"] = TINY_IMAGE_TOKEN
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
@@ -261,8 +139,6 @@ def build_tiny_processor(family: str):
     """A processor for the tiny ``family`` model, built in code (LLaVA only)."""
     if family != "llava":
         raise ModelLoadError(f"no tiny processor for model family {family!r}; available: llava")
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
-
     config = tiny_config(family)
     size = config.vision_config.image_size
     image_processor = CLIPImageProcessorPil(

@@ -165,8 +165,10 @@ class HadamardQuantizer(Quantizer):
                 raise LowRankError(
                     f"{adapter.embed_tokens!r} holds no embedding table of width {n} to rotate"
                 )
-            proj_path, proj = projector_output(model, adapter, n)
-            rotate_output(proj, Q, proj_path, device=dev)
+            proj_path = None
+            if not adapter.text_only:
+                proj_path, proj = projector_output(model, adapter, n)
+                rotate_output(proj, Q, proj_path, device=dev)
             loose = _rotate_loose_parameters(model, adapter, Q, n, dev)
             st.advance()
 

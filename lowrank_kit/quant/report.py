@@ -9,7 +9,7 @@ from torch import nn
 from lowrank_kit.models.base import ModelAdapter
 from lowrank_kit.modules import JointLowRankProjection, LowRankLinear, PerHeadLowRankLinear
 from lowrank_kit.quant.modules import QuantLinear, QuantPerHeadLowRankLinear
-from lowrank_kit.ratios import compute_ratios
+from lowrank_kit.ratios import compute_ratios, kv_projections
 
 # Bits of one dequantization scale in the latent cache (fp32, as the decode kernel reads it).
 SCALE_BITS = 32
@@ -43,16 +43,10 @@ def cache_report(model: nn.Module, adapter: ModelAdapter, kv_bits: int | None) -
     info = adapter.info(model)
     ratios = compute_ratios(model, adapter)
     bits = kv_bits if kv_bits is not None else 16
-    groups = 0
-    for layer in range(info.num_layers):
-        k = adapter.get_projection(model, layer, "k_proj")
-        v = adapter.get_projection(model, layer, "v_proj")
-        shared = (
-            isinstance(k, JointLowRankProjection)
-            and isinstance(v, JointLowRankProjection)
-            and k.shared is v.shared
-        )
-        groups += _groups(k, info.num_kv_heads) + (0 if shared else _groups(v, info.num_kv_heads))
+    groups = sum(
+        _groups(k, info.num_kv_heads) + (0 if shared else _groups(v, info.num_kv_heads))
+        for k, v, shared in kv_projections(model, adapter)
+    )
     original_bits = ratios.original_cache_elements_per_token * 16
     latent_bits = ratios.cache_elements_per_token * bits
     scale_bits = groups * SCALE_BITS if kv_bits is not None else 0

@@ -34,10 +34,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer
 
 from lowrank_kit.kernels.latent_attention import BACKENDS, latent_attention_decode
 from lowrank_kit.kernels.latent_attention.naive import head_latents, rebuild_keys
 from lowrank_kit.models.base import ModelAdapter, get_submodule
+from lowrank_kit.models.families.common import text_config
+from lowrank_kit.registry import adapter_for_config
 from lowrank_kit.runtime.cache import LatentCache, LatentLayer
 from lowrank_kit.runtime.convert import (
     LayerFactors,
@@ -47,11 +50,11 @@ from lowrank_kit.runtime.convert import (
     quantize_latents,
 )
 from lowrank_kit.runtime.errors import LatentDecodeError
+from lowrank_kit.runtime.graph import graph_forward
 from lowrank_kit.runtime.rope import rope_spec
+from lowrank_kit.runtime.state import STATE_ATTR, latent_state
 
 log = logging.getLogger(__name__)
-
-STATE_ATTR = "_lowrank_latent_decode"
 
 
 # -- positions ------------------------------------------------------------------------------------------
@@ -186,7 +189,6 @@ class LatentAttention:
     _checked: set = field(default_factory=set, repr=False)
 
     def _layer_cache(self, cache: Any) -> LatentLayer:
-        from transformers.cache_utils import Cache, DynamicLayer
 
         if cache is None:
             return LatentLayer(self.chunk)  # no cache: a throwaway one for this forward
@@ -433,9 +435,6 @@ def enable_latent_decode(
     (:mod:`lowrank_kit.runtime.graph`); needs the Triton backend. Calling it again rebuilds the runtime
     from the current weights (do that after changing them); :func:`disable_latent_decode` undoes it.
     """
-    from lowrank_kit.models.families import text_config
-    from lowrank_kit.models.loading import adapter_for_config
-
     if backend not in BACKENDS:
         raise LatentDecodeError(
             f"unknown latent-attention backend {backend!r}; available: {', '.join(BACKENDS)}"
@@ -447,7 +446,7 @@ def enable_latent_decode(
             "cuda_graph=True needs the Triton backend (the naive one reads the cache length on the host); "
             "use backend='auto' or 'triton'"
         )
-    if getattr(model, STATE_ATTR, None) is not None:
+    if latent_state(model) is not None:
         disable_latent_decode(model)
     adapter = adapter or adapter_for_config(model.config)
     info = adapter.info(model)
@@ -484,8 +483,6 @@ def enable_latent_decode(
         rt.module.forward = rt.forward
     state = LatentDecodeState(adapter, backend, runtimes, handles, tap)
     if cuda_graph:
-        from lowrank_kit.runtime.graph import graph_forward
-
         state.graph_forward = model.forward = graph_forward(model, model.forward)
     setattr(model, STATE_ATTR, state)
     log.info(
@@ -501,7 +498,7 @@ def enable_latent_decode(
 
 def disable_latent_decode(model: nn.Module) -> nn.Module:
     """Give ``model`` its ordinary attention back (a no-op on a model without latent decode)."""
-    state: LatentDecodeState | None = getattr(model, STATE_ATTR, None)
+    state: LatentDecodeState | None = latent_state(model)
     if state is None:
         return model
     for h in state.handles:
@@ -516,4 +513,4 @@ def disable_latent_decode(model: nn.Module) -> nn.Module:
 
 
 def latent_decode_enabled(model: nn.Module) -> bool:
-    return getattr(model, STATE_ATTR, None) is not None
+    return latent_state(model) is not None

@@ -31,6 +31,7 @@ from lowrank_kit.kernels.latent_attention.layout import (
 from lowrank_kit.kernels.latent_attention.naive import head_tables
 from lowrank_kit.models.base import AttentionInfo
 from lowrank_kit.modules import JointLowRankProjection, LowRankLinear, PerHeadLowRankLinear
+from lowrank_kit.ratios import shares_latent
 from lowrank_kit.runtime.errors import LatentDecodeError
 
 KV_BITS = (8, 4)
@@ -344,11 +345,7 @@ def layer_factors(
     k_mod, v_mod = projections["k_proj"], projections["v_proj"]
     k = _kv_factors(k_mod, "k_proj", layer, info, dtype)
     v = _kv_factors(v_mod, "v_proj", layer, info, dtype)
-    joint = (
-        isinstance(k_mod, JointLowRankProjection)
-        and isinstance(v_mod, JointLowRankProjection)
-        and k_mod.shared is v_mod.shared
-    )
+    joint = shares_latent(k_mod, v_mod)
     if joint and k.pre_quant != v.pre_quant:
         raise LatentDecodeError(
             f"layer {layer}: K and V read their shared latent through different input quantizers "

@@ -44,6 +44,7 @@ from torch import nn
 
 from lowrank_kit.runtime.cache import DeviceCursor, LatentLayer
 from lowrank_kit.runtime.errors import LatentDecodeError
+from lowrank_kit.runtime.state import latent_state
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,7 @@ class LatentDecodeGraph:
         warmup: int = 1,
         forward: Any = None,
     ) -> None:
-        from lowrank_kit.runtime.attention import STATE_ATTR
-
-        state = getattr(model, STATE_ATTR, None)
+        state = latent_state(model)
         if state is None:
             raise LatentDecodeError(
                 "the model is not latent-enabled; call lowrank_kit.enable_latent_decode(model) before "

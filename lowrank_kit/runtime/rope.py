@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from lowrank_kit.kernels.latent_attention.layout import RopeSpec
 from lowrank_kit.models.base import AttentionInfo
@@ -52,8 +53,6 @@ def rope_spec(text_config: Any, info: AttentionInfo, layer: int) -> RopeSpec:
         inv_freq = 1.0 / (info.rope.theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
         factor = 1.0
     else:
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
         inv_freq, factor = ROPE_INIT_FUNCTIONS[rope_type](text_config, torch.device("cpu"))
         inv_freq = inv_freq.to(torch.float32)
     if inv_freq.numel() != d // 2:

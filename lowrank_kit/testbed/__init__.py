@@ -2,7 +2,7 @@
 
 ``ensure_testbed(size)`` returns the directory of a ``save_pretrained`` checkpoint (built on first
 use, cached after) that loads through the same adapter as a LLaVA-1.5 checkpoint;
-``testbed_info(size)`` says what its build measured; :mod:`lowrank_kit.testbed.generator` makes the
+``testbed_info(size)`` says what its build measured; :mod:`lowrank_kit.data.synthetic` makes the
 questions (also the ``testbed`` calibration source and evaluation set). See docs/testbed.md.
 """
 
@@ -12,6 +12,7 @@ from lowrank_kit.testbed.build import (
     TESTBED_VERSION,
     build_testbed,
     ensure_testbed,
+    is_testbed_dir,
     testbed_dir,
     testbed_info,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "TESTBED_VERSION",
     "build_testbed",
     "ensure_testbed",
+    "is_testbed_dir",
     "letter_accuracy",
     "testbed_dir",
     "testbed_info",

@@ -12,7 +12,6 @@ processes asking for the same testbed at once build it once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,9 +23,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+from filelock import FileLock
+
+from lowrank_kit.data.samples import make_sample
+from lowrank_kit.data.synthetic import CATEGORIES, IMAGE_SIZE, generate_items, make_item
 from lowrank_kit.errors import LowRankError, ModelLoadError, unknown_name
-from lowrank_kit.paths import cache_subdir
+from lowrank_kit.models.families.llava import llava
+from lowrank_kit.paths import built_record, cache_subdir, sha256_file
 from lowrank_kit.progress import NULL_REPORTER, Reporter
+from lowrank_kit.testbed.model import PATCH_SIZE, SIZES, build_model
+from lowrank_kit.testbed.processor import build_processor
+from lowrank_kit.testbed.train import MAX_LENGTH, deterministic, letter_accuracy, supervision, train
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +50,6 @@ REQUIRED_FILES = (INFO_FILE, "config.json", WEIGHTS_FILE, "tokenizer.json", "pro
 
 
 def _sizes() -> dict:
-    from lowrank_kit.testbed.model import SIZES
 
     return SIZES
 
@@ -63,27 +71,16 @@ def testbed_dir(size: str = "small") -> Path:
     return testbed_root() / check_size(size)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def is_testbed_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a testbed build (it holds the build's ``testbed.json`` record)."""
+    return bool(str(path)) and (Path(path) / INFO_FILE).is_file()
 
 
 def damage(path: Path, size: str) -> str | None:
     """Why the build at ``path`` cannot be used, or None when it is complete and intact."""
-    if not path.is_dir():
-        return "not built"
-    missing = [name for name in REQUIRED_FILES if not (path / name).is_file()]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    try:
-        info = json.loads((path / INFO_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return f"{INFO_FILE} is unreadable ({err})"
-    if not isinstance(info, dict):
-        return f"{INFO_FILE} is not a JSON object"
+    info = built_record(path, REQUIRED_FILES, INFO_FILE)
+    if isinstance(info, str):
+        return info
     if info.get("version") != TESTBED_VERSION or info.get("size") != size:
         return f"{INFO_FILE} describes version {info.get('version')!r} size {info.get('size')!r}"
     if sha256_file(path / WEIGHTS_FILE) != info.get("weights_sha256"):
@@ -109,7 +106,6 @@ def testbed_info(size: str = "small") -> dict[str, Any]:
 
 
 def _default_device(size: str) -> str:
-    import torch
 
     return "cuda" if size == "base" and torch.cuda.is_available() else "cpu"
 
@@ -130,7 +126,6 @@ def ensure_testbed(
     path = testbed_dir(size)
     if not force and damage(path, size) is None:
         return path
-    from filelock import FileLock
 
     root = path.parent
     try:
@@ -163,7 +158,6 @@ def ensure_testbed(
 
 def training_items(settings: Any, seed: int) -> list:
     """The first ``settings.train_items`` train-split items, then each ``extra_items`` category's next ones."""
-    from lowrank_kit.testbed.generator import CATEGORIES, generate_items, make_item
 
     items = generate_items("train", settings.train_items, seed=seed)
     for category, n in settings.extra_items:  # categories checked by TrainSettings
@@ -191,15 +185,6 @@ def build_testbed(
     initialisation) let a settings sweep build variants (benchmarks/testbed_sweep.py); the cache only
     ever holds the registered sizes at :data:`SEED`.
     """
-    import torch
-    import transformers
-
-    from lowrank_kit.data.samples import make_sample
-    from lowrank_kit.models.families import llava
-    from lowrank_kit.testbed.generator import IMAGE_SIZE, generate_items
-    from lowrank_kit.testbed.model import PATCH_SIZE, build_model
-    from lowrank_kit.testbed.processor import build_processor
-    from lowrank_kit.testbed.train import MAX_LENGTH, deterministic, letter_accuracy, supervision, train
 
     spec = spec or _sizes()[check_size(size)]
     settings = spec.train

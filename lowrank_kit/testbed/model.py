@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowrank_kit.testbed.generator import IMAGE_SIZE
+import torch
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from lowrank_kit.data.synthetic import IMAGE_SIZE
+from lowrank_kit.testbed.processor import IMAGE
 from lowrank_kit.testbed.train import TrainSettings
 
 PATCH_SIZE = 12
@@ -126,7 +130,6 @@ SIZES: dict[str, TestbedSize] = {
 
 def build_config(size: TestbedSize, vocab_size: int, special: dict[str, int]):
     """The ``LlavaConfig`` of ``size`` for a tokenizer of ``vocab_size`` with the given special ids."""
-    from transformers import LlavaConfig
 
     text = {
         "model_type": "llama",
@@ -172,10 +175,6 @@ def build_config(size: TestbedSize, vocab_size: int, special: dict[str, int]):
 
 def build_model(size: TestbedSize, tokenizer, seed: int):
     """A freshly initialised testbed model of ``size`` for ``tokenizer`` (weights drawn from ``seed``)."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from lowrank_kit.testbed.processor import IMAGE
 
     special = {
         "bos": tokenizer.bos_token_id,

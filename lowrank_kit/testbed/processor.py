@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import re
 
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
+
 from lowrank_kit.data.items import DATASET_INSTRUCTION, LETTER_INSTRUCTION, LETTERS
-from lowrank_kit.testbed import generator
+from lowrank_kit.data.synthetic import QUARTERS, RELATIONS
+from lowrank_kit.data.synthetic import vocabulary as item_vocabulary
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
 SPECIAL = (PAD, BOS, EOS, UNK, IMAGE)
@@ -42,7 +46,7 @@ PHRASES = (
     "ASSISTANT:",
     LETTER_INSTRUCTION.strip(),
     DATASET_INSTRUCTION.strip(),
-    *(a for a in (*generator.QUARTERS, *generator.RELATIONS) if " " in a),
+    *(a for a in (*QUARTERS, *RELATIONS) if " " in a),
 )
 # Words of the parts of a prompt that are not the generator's (the `dataset` style's headers).
 _FRAME = ("Hint Question Options", ":")
@@ -55,15 +59,13 @@ def vocabulary() -> list[str]:
     words.update(dict.fromkeys(LETTERS))
     for text in _FRAME:
         words.update(dict.fromkeys(_WORD.findall(text)))
-    words.update(dict.fromkeys(generator.vocabulary()))
+    words.update(dict.fromkeys(item_vocabulary()))
     words.update(dict.fromkeys(PHRASES))
     return list(words)
 
 
 def build_tokenizer():
     """A word-level ``PreTrainedTokenizerFast`` over :func:`vocabulary`."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
     vocab = {word: i for i, word in enumerate(vocabulary())}
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
@@ -91,7 +93,6 @@ def build_tokenizer():
 
 def build_processor(image_size: int, patch_size: int):
     """LLaVA's processor for the testbed: the word-level tokenizer, CLIP's image processor, the template."""
-    from transformers import CLIPImageProcessorPil, LlavaProcessor
 
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}

@@ -18,11 +18,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from lowrank_kit.data.calibration import CalibrationSample
 from lowrank_kit.data.items import VQAItem
-from lowrank_kit.errors import LowRankError
+from lowrank_kit.data.samples import prompt_inputs
+from lowrank_kit.data.synthetic import CATEGORIES, CELL, GRID, IMAGE_SIZE, quarter
+from lowrank_kit.errors import LowRankError, unknown_name
+from lowrank_kit.models.base import TARGETS
+from lowrank_kit.models.families.llava import llava
 from lowrank_kit.progress import NULL_REPORTER, Reporter
+from lowrank_kit.testbed.processor import IMAGE
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +59,6 @@ class TrainSettings:
     flat_scale_init: float | None = None
 
     def __post_init__(self) -> None:
-        from lowrank_kit.errors import unknown_name
-        from lowrank_kit.testbed.generator import CATEGORIES
 
         for category, _ in self.extra_items:
             if category not in CATEGORIES:
@@ -113,8 +117,6 @@ class FlatSpectrum(nn.Module):
 
 def _attention_projections(model: nn.Module) -> list[nn.Module]:
     """Every decoder layer's q/k/v_proj, found through the llava adapter (the testbed is a LLaVA)."""
-    from lowrank_kit.models.base import TARGETS
-    from lowrank_kit.models.families import llava
 
     layers = llava.info(model).num_layers
     return [llava.get_projection(model, i, t) for i in range(layers) for t in TARGETS]
@@ -122,7 +124,6 @@ def _attention_projections(model: nn.Module) -> list[nn.Module]:
 
 def constrain_flat_spectrum(model: nn.Module, scale: float | None = None) -> None:
     """Register :class:`FlatSpectrum` on every decoder layer's q/k/v_proj weight."""
-    from torch.nn.utils import parametrize
 
     head_dim = model.config.text_config.head_dim
     for module in _attention_projections(model):
@@ -131,7 +132,6 @@ def constrain_flat_spectrum(model: nn.Module, scale: float | None = None) -> Non
 
 def release_flat_spectrum(model: nn.Module) -> None:
     """Replace each parametrized weight by its current value (a plain parameter again)."""
-    from torch.nn.utils import parametrize
 
     for module in _attention_projections(model):
         if parametrize.is_parametrized(module, "weight"):
@@ -165,8 +165,6 @@ def supervision(sample: CalibrationSample, item: VQAItem, tokenizer: Any) -> Sup
     what the answer is) gives every step of the reasoning its own gradient, which cuts the
     training the model needs by a large factor.
     """
-    from lowrank_kit.testbed.generator import CELL, GRID, IMAGE_SIZE
-    from lowrank_kit.testbed.processor import IMAGE
 
     ids = sample.inputs["input_ids"][0].tolist()
     tok = tokenizer.convert_tokens_to_ids
@@ -206,7 +204,6 @@ def supervision(sample: CalibrationSample, item: VQAItem, tokenizer: Any) -> Sup
 
 def properties(obj: dict) -> list[str]:
     """The words an image cell's (or a reference's) auxiliary target spreads over: what and where."""
-    from lowrank_kit.testbed.generator import quarter
 
     return [obj["colour"], obj["shape"], obj["size"], quarter(obj["row"], obj["col"])]
 
@@ -406,8 +403,6 @@ def letter_predictions(
     reporter: Reporter = NULL_REPORTER,
 ) -> list[str]:
     """For each item, the option letter with the highest next-token logit after the prompt."""
-    from lowrank_kit.data.samples import prompt_inputs
-    from lowrank_kit.models.families import llava
 
     adapter = adapter or llava
     device = next(model.parameters()).device

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 from typer.testing import CliRunner
 
 from lowrank_kit.cli.main import app
@@ -55,3 +56,8 @@ def compressed(family: str, method: str = "svd", ratio: float = 0.6, quant: str 
 def greedy(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False, min_new_tokens=NEW_TOKENS)
+
+
+def hf_auto_class(adapter):
+    """The transformers Auto class a user would load this family with: causal LM or image-text-to-text."""
+    return AutoModelForCausalLM if adapter.text_only else AutoModelForImageTextToText

@@ -9,6 +9,7 @@ import torch
 from ckpt_helpers import samples_for
 
 import lowrank_kit
+from lowrank_kit import calib_cache
 from lowrank_kit.calib_cache import CalibrationCache, cached, default_cache_dir, run_key
 from lowrank_kit.errors import LowRankError
 from lowrank_kit.models.tiny import build_tiny_model
@@ -56,12 +57,10 @@ def test_the_function_must_return_tensors(tmp_path):
 
 
 def test_a_full_disk_while_caching_is_one_line(tmp_path, monkeypatch):
-    import safetensors.torch
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(calib_cache, "save_file", full)
     cache = CalibrationCache(tmp_path, "run")
     with pytest.raises(
         LowRankError, match=r"cannot write the calibration cache .*\(No space left .* --no-cache"

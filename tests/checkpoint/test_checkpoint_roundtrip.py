@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from ckpt_helpers import DECOMPOSERS, FAMILIES, compressed, greedy
+from ckpt_helpers import DECOMPOSERS, FAMILIES, compressed, greedy, hf_auto_class
 from transformers import AutoModelForImageTextToText
 
 import lowrank_kit
@@ -21,7 +21,7 @@ def test_reloaded_model_generates_the_same_tokens(family, method, tmp_path):
     before = greedy(result.model, inputs)
     out = save_compressed(result, tmp_path / "ckpt")
 
-    via_hf = AutoModelForImageTextToText.from_pretrained(out)
+    via_hf = hf_auto_class(result.adapter).from_pretrained(out)
     assert type(via_hf) is type(result.model)
     assert describe_structure(via_hf, result.adapter) == result.report["ranks"]
     assert torch.equal(greedy(via_hf, inputs), before)
@@ -83,7 +83,7 @@ def test_size_on_disk_follows_rho1(tmp_path):
 
 
 def test_load_model_recognises_a_compressed_directory(tmp_path):
-    from lowrank_kit.models.loading import load_model
+    from lowrank_kit.loading import load_model
 
     result = compressed("smolvlm", "svd")
     out = save_compressed(result, tmp_path / "ckpt")

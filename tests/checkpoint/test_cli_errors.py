@@ -7,9 +7,9 @@ import os
 import shutil
 
 import pytest
-import safetensors.torch
 from ckpt_helpers import compressed, fails
 
+from lowrank_kit import checkpoint as checkpoint_format
 from lowrank_kit.checkpoint import save_compressed
 from lowrank_kit.models.tiny import save_tiny_checkpoint
 
@@ -112,14 +112,12 @@ def test_the_api_without_calibration_data():
 def test_an_unsupported_architecture(tmp_path):
     import transformers
 
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64
-    )
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
-    line = fails(*svd(tmp_path / "llama", tmp_path / "o"))
+    # GPT-2 fuses q, k and v into one c_attn: no adapter claims it.
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    line = fails(*svd(tmp_path / "gpt2", tmp_path / "o"))
     assert (
-        "unsupported architecture (model_type 'llama', architectures ['LlamaForCausalLM']); supported:"
-        in line
+        "unsupported architecture (model_type 'gpt2', architectures ['GPT2LMHeadModel']); supported:" in line
     )
     assert "qwen2_vl (Qwen2VLForConditionalGeneration" in line
 
@@ -130,7 +128,7 @@ def test_a_full_disk_while_saving(models, tmp_path, monkeypatch):
             f.write(b"\0" * 1024)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
-    monkeypatch.setattr(safetensors.torch, "save_model", full_disk)
+    monkeypatch.setattr(checkpoint_format, "save_model", full_disk)
     line = fails(*svd(models["qwen2_vl"], tmp_path / "o"))
     assert "cannot write checkpoint" in line and "no space left on the device" in line
     assert list(tmp_path.iterdir()) == []

@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-import safetensors.torch
 from ckpt_helpers import compressed
 
+from lowrank_kit import checkpoint
 from lowrank_kit.checkpoint import atomic_directory, save_compressed
 from lowrank_kit.errors import CheckpointError
 
@@ -31,7 +31,7 @@ def full_disk(*args, **kwargs):
 
 
 def test_a_full_disk_leaves_nothing_behind(result, tmp_path, monkeypatch):
-    monkeypatch.setattr(safetensors.torch, "save_model", full_disk)
+    monkeypatch.setattr(checkpoint, "save_model", full_disk)
     with pytest.raises(
         CheckpointError, match="no space left on the device .* nothing was written .* free space"
     ):
@@ -42,7 +42,7 @@ def test_a_full_disk_leaves_nothing_behind(result, tmp_path, monkeypatch):
 def test_a_full_disk_does_not_touch_an_existing_checkpoint(result, tmp_path, monkeypatch):
     existing = save_compressed(result, tmp_path / "ckpt")
     before = snapshot(existing)
-    monkeypatch.setattr(safetensors.torch, "save_model", full_disk)
+    monkeypatch.setattr(checkpoint, "save_model", full_disk)
     with pytest.raises(CheckpointError, match="no space left on the device"):
         save_compressed(result, existing, overwrite=True)
     assert snapshot(existing) == before
@@ -53,7 +53,7 @@ def test_an_interrupt_leaves_nothing_behind(result, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(safetensors.torch, "save_model", interrupted)
+    monkeypatch.setattr(checkpoint, "save_model", interrupted)
     with pytest.raises(KeyboardInterrupt):
         save_compressed(result, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []

@@ -15,8 +15,8 @@ from transformers import AutoModelForImageTextToText
 import lowrank_kit
 from lowrank_kit.checkpoint import save_compressed
 from lowrank_kit.data.samples import prompt_inputs
+from lowrank_kit.data.synthetic import generate_items
 from lowrank_kit.surgery import describe_structure
-from lowrank_kit.testbed.generator import generate_items
 
 pytestmark = pytest.mark.slow
 NEW_TOKENS = 4

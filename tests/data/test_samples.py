@@ -7,7 +7,7 @@ from PIL import Image
 from lowrank_kit.data.items import VQAItem, build_mcq_prompt
 from lowrank_kit.data.samples import IGNORE_INDEX, make_sample, prompt_inputs
 from lowrank_kit.errors import CalibrationError, ModelLoadError
-from lowrank_kit.models.families import llava
+from lowrank_kit.models.families.llava import llava
 from lowrank_kit.models.tiny import build_tiny_processor
 
 

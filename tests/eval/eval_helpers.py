@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from lowrank_kit.data.items import VQAItem
-from lowrank_kit.models.families import TINY_BOS
+from lowrank_kit.models.families.common import TINY_BOS
 from lowrank_kit.models.tiny import TINY_LLAVA_CHAT_TEMPLATE, build_tiny_processor, tiny_config, tiny_inputs
 from lowrank_kit.registry import get_adapter
 

@@ -8,10 +8,13 @@ from lowrank_kit.data.samples import prompt_inputs
 from lowrank_kit.eval.batching import BatchingError, collate
 from lowrank_kit.eval.engine import evaluate
 from lowrank_kit.models.tiny import TINY_FAMILIES, build_tiny_model, family_available
+from lowrank_kit.registry import get_adapter
 
+# Multiple-choice VQA: the VLM families (a text decoder's batches are the text side of these).
 FAMILIES = [
     pytest.param(f, marks=pytest.mark.skipif(not family_available(f), reason=f"transformers lacks {f}"))
     for f in TINY_FAMILIES
+    if not get_adapter(f).text_only
 ]
 
 
@@ -60,9 +63,9 @@ def test_llava_next_rows_keep_their_image_sizes():
 
 @pytest.mark.parametrize("per_image", [False, True])
 def test_pooling_indices_follow_the_installed_convention(monkeypatch, per_image):
-    from lowrank_kit.models import families
+    from lowrank_kit.eval import batching
 
-    monkeypatch.setattr(families, "molmo2_pooling_per_image", lambda: per_image)
+    monkeypatch.setattr(batching, "molmo2_pooling_per_image", lambda: per_image)
     rows = []
     for _ in range(2):
         pool = torch.tensor([[0, 1, -1], [2, 3, -1]])
@@ -83,7 +86,7 @@ def test_the_pooling_convention_is_read_from_the_installed_model():
     pytest.importorskip("transformers.models.molmo2")
     import transformers
 
-    from lowrank_kit.models.families import molmo2_pooling_per_image
+    from lowrank_kit.models.families.molmo2 import molmo2_pooling_per_image
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     if (major, minor) < (5, 25):

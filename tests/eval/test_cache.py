@@ -10,7 +10,7 @@ from PIL import Image
 import lowrank_kit
 from lowrank_kit.eval.cache import EvalCache
 from lowrank_kit.eval.engine import evaluate
-from lowrank_kit.models.families import llava
+from lowrank_kit.models.families.llava import llava
 from lowrank_kit.models.tiny import build_tiny_model, build_tiny_processor
 
 

@@ -17,7 +17,7 @@ from lowrank_kit.eval.engine import (
     evaluate,
     letter_kl,
 )
-from lowrank_kit.models.families import llava
+from lowrank_kit.models.families.llava import llava
 from lowrank_kit.models.tiny import build_tiny_model, build_tiny_processor
 
 

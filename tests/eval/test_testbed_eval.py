@@ -32,7 +32,7 @@ def native(tmp_path_factory):
 
 
 def test_uncompressed_testbed_scores_at_least_90_percent(native):
-    from lowrank_kit.testbed.generator import generate_items
+    from lowrank_kit.data.synthetic import generate_items
 
     summary, _ = native
     assert summary["n"] == len(generate_items("test"))
@@ -42,7 +42,7 @@ def test_uncompressed_testbed_scores_at_least_90_percent(native):
 
 
 def test_exported_tsv_evaluates_identically(native, tmp_path):
-    from lowrank_kit.testbed.generator import export_tsv
+    from lowrank_kit.data.synthetic import export_tsv
 
     export_tsv("test", tmp_path / "test.tsv")
     out = tmp_path / "tsv.json"

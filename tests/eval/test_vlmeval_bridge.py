@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
 @pytest.mark.parametrize("style", ["letter", "dataset"])
 def test_bridge_matches_the_native_evaluator(tmp_path, style):
     from lowrank_kit.eval.vlmeval_bridge import evaluate_with_vlmeval
-    from lowrank_kit.models.loading import load_model
+    from lowrank_kit.loading import load_model
     from lowrank_kit.models.tiny import save_tiny_checkpoint
 
     save_tiny_checkpoint("llava", tmp_path / "model")

@@ -24,6 +24,16 @@ from lowrank_kit.kernels.latent_attention import (
     naive,
     quantize_int8,
 )
+from lowrank_kit.kernels.latent_attention.launch import (
+    LaunchConfig,
+    head_blocks,
+    head_geometry,
+    heads_launch_config,
+    launch_config,
+    plan_launch,
+    row_widths,
+)
+from lowrank_kit.kernels.latent_attention.layout import pack_order
 from lowrank_kit.kernels.latent_attention.testing import (
     make_problem,
     relative_error,
@@ -243,10 +253,10 @@ def test_split_count_does_not_change_the_result():
         lengths=(200, 150),
         device=DEVICE,
     )
-    base = triton_impl.launch_config(2, 2, p.max_len, p.w, p.q.device)
+    base = launch_config(2, 2, p.max_len, p.w, p.q.device)
     outs = []
     for split_len in (base.block_n, 4 * base.block_n, 256):  # many splits, a few, one (direct write)
-        cfg = triton_impl.LaunchConfig(
+        cfg = LaunchConfig(
             base.block_n, base.num_warps, base.num_stages, base.rank_chunk, base.v_chunk, split_len
         )
         outs.append(triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, config=cfg).float())
@@ -256,12 +266,10 @@ def test_split_count_does_not_change_the_result():
 
 
 def test_kernel_choice_follows_the_layout():
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-
     def cfg(**kw):
         spec = dict(batch=2, head_dim=32, lengths=(5, 3), **kw)
         p = make_problem(**spec)
-        return triton_impl.launch_config(2, p.w.num_kv_heads, p.max_len, p.w, p.q.device)
+        return launch_config(2, p.w.num_kv_heads, p.max_len, p.w, p.q.device)
 
     # Per-head latents, MHA: the per-head kernel.
     assert cfg(num_heads=4, num_kv_heads=4, k_ranks=(17, 48, 8, 8), v_ranks=(8,) * 4).heads_per_program > 0
@@ -276,8 +284,6 @@ def test_kernel_choice_follows_the_layout():
 
 
 def test_head_blocks_pack_consecutive_heads_into_the_column_budget():
-    from lowrank_kit.kernels.latent_attention.triton import head_blocks
-
     # Uniform rank 64 (ρ2 = 0.5 at d = 128): two heads a program.
     assert head_blocks((64,) * 6, (64,) * 6, 128, 16) == ((0, 2), (2, 2), (4, 2))
     # Ragged: a block grows while both its K and its V latents fit; a head wider than the budget is alone.
@@ -293,9 +299,6 @@ def test_head_blocks_pack_consecutive_heads_into_the_column_budget():
 
 
 def test_pack_order_packs_ragged_heads_into_fewer_programs():
-    from lowrank_kit.kernels.latent_attention.layout import pack_order
-    from lowrank_kit.kernels.latent_attention.triton import head_blocks
-
     # Uniform widths keep the head order (pairs of adjacent heads, as before).
     assert pack_order((64,) * 6, (64,) * 6) == tuple(range(6))
     k, v = (104, 64, 24, 64, 96, 32), (24, 64, 104, 64, 32, 96)
@@ -322,8 +325,6 @@ def test_pack_order_packs_ragged_heads_into_fewer_programs():
 def test_heads_kernel_on_packed_head_order(int8):
     """Ragged heads in the runtime's packed row order: programs of non-adjacent heads (by index), several
     heads a program, against the naive twin, which reads the same layout through its offsets."""
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-
     p = make_problem(
         batch=2,
         num_heads=6,
@@ -339,9 +340,9 @@ def test_heads_kernel_on_packed_head_order(int8):
         device=DEVICE,
     )
     assert p.w.k_layout.order != tuple(range(6)) and p.w.k_layout.order == p.w.v_layout.order
-    base = triton_impl.heads_launch_config(2, p.max_len, p.w, p.q.device)
-    geo = triton_impl._head_geometry(*triton_impl._row_widths(p.w), base.columns, base.heads_per_program)
-    index = triton_impl.head_blocks(p.w.k_layout.widths, p.w.v_layout.widths, base.columns, 16)
+    base = heads_launch_config(2, p.max_len, p.w, p.q.device)
+    geo = head_geometry(*row_widths(p.w), base.columns, base.heads_per_program)
+    index = head_blocks(p.w.k_layout.widths, p.w.v_layout.widths, base.columns, 16)
     # fp16 (widths rounded to 8): 3 programs instead of 5; int8 (to 16): 4 instead of 5.
     assert (len(geo.blocks), len(index)) == ((4, 5) if int8 else (3, 5))
     ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
@@ -356,8 +357,6 @@ def test_heads_kernel_on_packed_head_order(int8):
 @pytest.mark.parametrize("heads_per_program", [1, 2, 4])
 def test_heads_per_program_does_not_change_the_result(heads_per_program):
     """Every run length computes the same function: 5 heads leave a shorter last run for 2 and 4."""
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-
     p = make_problem(
         batch=2,
         num_heads=5,
@@ -372,7 +371,7 @@ def test_heads_per_program_does_not_change_the_result(heads_per_program):
         qk_norm="per_head",
         device=DEVICE,
     )
-    base = triton_impl.heads_launch_config(2, p.max_len, p.w, p.q.device, heads_per_program)
+    base = heads_launch_config(2, p.max_len, p.w, p.q.device, heads_per_program)
     assert base.heads_per_program == heads_per_program
     ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
     for split_len in (base.block_n, 256):  # several splits (merge pass) and one (direct write)
@@ -391,11 +390,81 @@ def test_heads_kernel_refuses_layouts_it_does_not_serve():
     p = make_problem(
         batch=2, num_heads=4, num_kv_heads=2, head_dim=32, k_ranks=(17, 48), v_ranks=(48, 17), lengths=(5, 3)
     )
-    cfg = triton_impl.LaunchConfig(16, 4, 1, 0, 0, 0, 2)
+    cfg = LaunchConfig(16, 4, 1, 0, 0, 0, 2)
     with pytest.raises(
         ValueError, match="heads_per_program > 0 needs per-head K and V latents and one query"
     ):
         triton_impl.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends, config=cfg)
+
+
+def _split_problem(num_heads: int = 4):
+    """Two KV heads (GQA 2:1, or MHA for 2 query heads) over rows of 70 and 33 tokens: with 16-token
+    splits, 5 splits a row, 2 of them empty in row 1."""
+    return make_problem(
+        batch=2, num_heads=num_heads, num_kv_heads=2, head_dim=32, k_ranks=(17, 48), v_ranks=(48, 17),
+        lengths=(70, 33), device=DEVICE,
+    )  # fmt: skip
+
+
+def test_workspace_is_the_callers_and_must_fit_the_plan():
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    p = _split_problem()
+    cfg = dataclasses.replace(launch_config(2, 2, p.max_len, p.w, p.q.device), split_len=16)
+    plan = plan_launch(2, p.max_len, p.w, p.q.device, cfg)
+    assert plan.n_splits == 5 and plan.partials_shape == (2, 4, 5, p.w.out_width)
+    po = torch.full(plan.partials_shape, float("nan"), device=DEVICE)
+    pl = torch.full(plan.partials_shape[:3], float("nan"), device=DEVICE)
+
+    def decode(**kw):
+        return triton_impl.latent_attention_decode(
+            p.q, p.kv, p.w, p.starts, p.ends, max_len=p.max_len, config=cfg, **kw
+        )
+
+    out = decode(workspace=(po, pl))
+    assert torch.equal(out, decode())
+    # Every split wrote its partials, empty ones included (zeros and a -inf log-sum-exp).
+    assert not po.isnan().any() and not pl.isnan().any()
+    assert torch.equal(pl[1, :, 3:], torch.full_like(pl[1, :, 3:], float("-inf")))
+    shapes = rf"float32 \[2, 4, 5, {p.w.out_width}\] and \[2, 4, 5\] on {p.q.device}"
+    with pytest.raises(ValueError, match=rf"workspace must be {shapes} .*, got torch.float32 \[2, 4, 4, "):
+        decode(workspace=(po[:, :, :4], pl))
+    with pytest.raises(ValueError, match=rf"workspace must be {shapes} .*, got torch.float16 \[2, 4, 5\]"):
+        decode(workspace=(po, pl.half()))
+
+
+class _WritesNothing:
+    """Launched like a Triton kernel (``kernel[grid](...)``), and writes nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@pytest.mark.parametrize("split_len", [16, 256])
+@pytest.mark.parametrize("num_heads", [4, 2])
+def test_an_unwritten_output_fails_the_check(monkeypatch, split_len, num_heads):
+    """The check is able to fail: with pass 1 skipped, the merge reads the NaN partials (5 splits) or the
+    output keeps its NaN (one split, written directly), for the grouped kernel (GQA) and the per-head one."""
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+
+    p = _split_problem(num_heads)
+    cfg = dataclasses.replace(launch_config(2, 2, p.max_len, p.w, p.q.device), split_len=split_len)
+    assert (cfg.heads_per_program > 0) == (num_heads == 2)
+    ref = naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
+    assert relative_error(run_poisoned(p, cfg), ref) < TOL[torch.float16]
+    monkeypatch.setattr(triton_impl, "_latent_decode_split", _WritesNothing())
+    monkeypatch.setattr(triton_impl, "_latent_decode_heads", _WritesNothing())
+    out = run_poisoned(p, cfg)
+    assert out.isnan().all()
+    assert relative_error(out, ref) == float("inf")
+
+
+def test_launch_geometry_imports_without_triton():
+    code = (
+        "import sys, lowrank_kit.kernels.latent_attention.launch, lowrank_kit.kernels.latent_attention.testing; "
+        "assert 'triton' not in sys.modules, 'triton was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def _rotate(x, cos, sin):

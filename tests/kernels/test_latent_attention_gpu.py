@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lowrank_kit.kernels.latent_attention import naive
+from lowrank_kit.kernels.latent_attention.launch import LaunchConfig, heads_launch_config, launch_config
 from lowrank_kit.kernels.latent_attention.testing import make_problem, relative_error, run_poisoned
 
 pytestmark = [
@@ -111,10 +112,8 @@ def test_kernel_matches_naive_at_model_sizes(name):
 @pytest.mark.parametrize("positions", ["sequential", "random"])
 @pytest.mark.parametrize("heads_per_program", [1, 2, 4])
 def test_heads_per_program_at_model_size(heads_per_program, positions):
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-
     p = _llava_problem(3, k_ranks=[64] * 32, v_ranks=[64] * 32, positions=positions)
-    base = triton_impl.heads_launch_config(2, p.max_len, p.w, p.q.device, heads_per_program)
+    base = heads_launch_config(2, p.max_len, p.w, p.q.device, heads_per_program)
     err = _error_vs_naive(p, base)
     assert err < TOL[torch.float16], f"heads_per_program {heads_per_program}: relative error {err:.2e}"
 
@@ -125,10 +124,8 @@ def test_heads_per_program_at_model_size(heads_per_program, positions):
 )
 def test_register_capped_launch_at_model_size(heads_per_program, block_n, stages, maxnreg, int8):
     """Launches whose register cap makes ptxas spill (maxnreg) give the same result as the naive twin."""
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-
     p = _llava_problem(4, k_ranks=[64] * 32, v_ranks=[64] * 32, int8=int8)
-    cfg = triton_impl.LaunchConfig(block_n, 4, stages, 0, 0, 0, heads_per_program, maxnreg=maxnreg)
+    cfg = LaunchConfig(block_n, 4, stages, 0, 0, 0, heads_per_program, maxnreg=maxnreg)
     err = _error_vs_naive(p, cfg)
     assert err < TOL[torch.float16], f"{cfg}: relative error {err:.2e}"
 
@@ -137,8 +134,8 @@ def test_register_capped_launch_at_model_size(heads_per_program, block_n, stages
 def test_ragged_ranks_in_packed_order_at_model_size(int8):
     """The allocator's ragged ranks over 32 heads in the runtime's packed row order (programs of heads
     that are not adjacent by index), as the end-to-end benchmark's compressed model lays them out."""
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-    from lowrank_kit.kernels.latent_attention.bench import ragged_ranks
+    # Imported here: the benchmark pulls in transformers and pydantic, which the other tests here do not need.
+    from lowrank_kit.bench.kernel import ragged_ranks
 
     p = _llava_problem(
         5,
@@ -149,7 +146,7 @@ def test_ragged_ranks_in_packed_order_at_model_size(int8):
         head_order="packed",
     )
     assert p.w.k_layout.order != tuple(range(32))
-    cfg = triton_impl.launch_config(2, 32, p.max_len, p.w, p.q.device)
+    cfg = launch_config(2, 32, p.max_len, p.w, p.q.device)
     assert cfg.heads_per_program > 0
     err = _error_vs_naive(p)
     assert err < TOL[torch.float16], f"relative error {err:.2e}"

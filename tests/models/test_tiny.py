@@ -1,13 +1,31 @@
 """Tiny models and their processor-free inputs; the tiny LLaVA processor through the chat template."""
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
 from PIL import Image
 
+from lowrank_kit import hookimpl
 from lowrank_kit.errors import ModelLoadError, UnknownNameError
-from lowrank_kit.models.families import TINY_IMAGE_TOKEN, TINY_MOLMO2_IMAGE_PATCH, chat_template_inputs
-from lowrank_kit.models.tiny import build_tiny_model, build_tiny_processor, tiny_inputs
+from lowrank_kit.models.base import ModelAdapter
+from lowrank_kit.models.families.common import (
+    TINY_IMAGE_TOKEN,
+    TINY_PAD,
+    chat_template_inputs,
+    llama_attention_info,
+    tiny_clip_vision,
+    tiny_text,
+)
+from lowrank_kit.models.families.molmo2 import TINY_MOLMO2_IMAGE_PATCH
+from lowrank_kit.models.tiny import (
+    TINY_FAMILIES,
+    build_tiny_model,
+    build_tiny_processor,
+    family_available,
+    tiny_inputs,
+)
 from lowrank_kit.registry import get_adapter
 
 needs_molmo2 = pytest.mark.skipif(
@@ -79,7 +97,9 @@ def test_batch_must_be_positive():
 
 
 def test_unknown_family_lists_the_families():
-    with pytest.raises(UnknownNameError, match="unknown model family 'lava'; available: llava, llava_next"):
+    with pytest.raises(
+        UnknownNameError, match="unknown model family 'lava'; available: llama, llava, llava_next"
+    ):
         build_tiny_model("lava")
 
 
@@ -88,6 +108,103 @@ def test_tiny_processor_only_for_llava():
         ModelLoadError, match="no tiny processor for model family 'qwen2_vl'; available: llava"
     ):
         build_tiny_processor("qwen2_vl")
+
+
+# -- a plugin's family -----------------------------------------------------------------------------------
+def _vipllava_config():
+    return transformers.VipLlavaConfig(
+        text_config={"model_type": "llama", **tiny_text()},
+        vision_config=tiny_clip_vision(8),
+        vision_feature_layers=[-2, -1],  # the default reaches 11 layers deep; the tiny tower has 2
+        image_token_id=TINY_IMAGE_TOKEN,
+        pad_token_id=TINY_PAD,
+        tie_word_embeddings=False,
+    )
+
+
+def _vipllava_inputs(config, batch, gen, dtype):
+    vision = config.vision_config
+    n_image = (vision.image_size // vision.patch_size) ** 2  # VipLLaVA drops the CLS feature
+    ids = torch.cat(
+        [
+            torch.randint(4, 200, (batch, 2), generator=gen),
+            torch.full((batch, n_image), config.image_token_id),
+            torch.randint(4, 200, (batch, 3), generator=gen),
+        ],
+        dim=1,
+    )
+    pixels = torch.randn((batch, 3, vision.image_size, vision.image_size), generator=gen).to(dtype)
+    return {"input_ids": ids, "pixel_values": pixels}
+
+
+VIPLLAVA = ModelAdapter(
+    name="vipllava",
+    display_name="VipLLaVA (test plugin)",
+    model_class="VipLlavaForConditionalGeneration",
+    model_types=("vipllava",),
+    layers="model.language_model.layers",
+    language_model="model.language_model",
+    vision_tower="model.vision_tower",
+    projector="model.multi_modal_projector",
+    attention_info=llama_attention_info,
+    tiny_config=_vipllava_config,
+    tiny_inputs=_vipllava_inputs,
+)
+
+
+class _AdapterPlugin:
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    @hookimpl
+    def register_model_adapters(self, register):
+        register(self.adapter)
+
+
+def test_a_plugin_family_gets_a_tiny_model_and_inputs(fresh_registry):
+    fresh_registry.add_plugin(_AdapterPlugin(VIPLLAVA), "vipllava-test", "registered in code")
+    assert "vipllava" not in TINY_FAMILIES  # the built-in families only
+    assert family_available("vipllava")
+    model = build_tiny_model("vipllava", seed=1)
+    assert type(model).__name__ == "VipLlavaForConditionalGeneration"
+    inputs = tiny_inputs(model, batch=2, seed=3)
+    assert set(inputs) == {"input_ids", "attention_mask", "pixel_values"}
+    from_name = tiny_inputs("vipllava", batch=2, seed=3)
+    assert all(torch.equal(inputs[k], from_name[k]) for k in inputs)
+    assert ((inputs["input_ids"] == TINY_IMAGE_TOKEN).sum(dim=1) == 4).all()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape == (*inputs["input_ids"].shape, 256)
+    assert torch.isfinite(logits).all()
+
+
+def test_a_family_without_tiny_inputs_is_an_error_naming_it(fresh_registry):
+    no_inputs = dataclasses.replace(VIPLLAVA, tiny_inputs=None)
+    fresh_registry.add_plugin(_AdapterPlugin(no_inputs), "vipllava-test", "registered in code")
+    model = build_tiny_model("vipllava")  # the tiny config alone is enough for a model
+    with pytest.raises(
+        ModelLoadError,
+        match=r"no tiny inputs for model family 'vipllava': its adapter sets no tiny_inputs; "
+        r"available: llama, llava, llava_next, ",
+    ):
+        tiny_inputs(model)
+    with pytest.raises(ModelLoadError, match="no tiny inputs for model family 'vipllava'"):
+        tiny_inputs("vipllava")
+
+
+def test_tiny_families_are_the_builtin_adapters_with_a_tiny_model():
+    assert TINY_FAMILIES == (
+        "llava",
+        "llava_next",
+        "smolvlm",
+        "qwen2_vl",
+        "qwen2_5_vl",
+        "molmo2",
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+    )
 
 
 # -- build_inputs through a real (tiny) processor ------------------------------------------------------

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 import lowrank_kit
 from lowrank_kit.data.calibration import CalibrationSample
 from lowrank_kit.models.base import get_submodule
-from lowrank_kit.models.loading import adapter_for_config
 from lowrank_kit.models.tiny import TINY_FAMILIES, build_tiny_model, family_available, tiny_inputs
 from lowrank_kit.recipe import parse_recipe
+from lowrank_kit.registry import adapter_for_config
 
 FAMILIES = [
     pytest.param(
@@ -74,3 +75,8 @@ def logits(model, inputs) -> torch.Tensor:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
+
+
+def hf_auto_class(adapter):
+    """The transformers Auto class a user would load this family with: causal LM or image-text-to-text."""
+    return AutoModelForCausalLM if adapter.text_only else AutoModelForImageTextToText

@@ -7,7 +7,7 @@ import torch
 from quant_helpers import FAMILIES, decompose, logits, quantize, rel, samples, tiny, with_gains
 
 from lowrank_kit.errors import LowRankError
-from lowrank_kit.models.loading import model_class_for
+from lowrank_kit.loading import model_class_for
 from lowrank_kit.models.tiny import family_available, tiny_config, tiny_inputs
 from lowrank_kit.quant.modules import HadamardInput
 

@@ -53,10 +53,10 @@ def test_smoke_run_writes_rows_and_resumes(tmp_path, monkeypatch):
     assert all(0 <= r["accuracy"] <= 1 and r["kl"] >= 0 for r in saved["rows"].values())
     assert "| wsvd@0.5+w8a8-kv8-qat |" in table.read_text()
     # A rerun with the same output keeps the finished rows: nothing is compressed again.
-    import lowrank_kit.pipeline as pipeline
+    import lowrank_kit.eval.grid as grid
 
     calls = []
-    monkeypatch.setattr(pipeline, "compress", lambda *a, **k: calls.append(a) or pytest.fail("recompressed"))
+    monkeypatch.setattr(grid, "compress", lambda *a, **k: calls.append(a) or pytest.fail("recompressed"))
     script.main(argv)
     assert calls == []
     again = json.loads(out.read_text())["rows"]

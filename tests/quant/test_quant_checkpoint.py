@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from quant_helpers import DECOMPOSERS, FAMILIES, decompose, quantize, samples, tiny
+from quant_helpers import DECOMPOSERS, FAMILIES, decompose, hf_auto_class, quantize, samples, tiny
 from transformers import AutoModelForImageTextToText
 from typer.testing import CliRunner
 
@@ -39,7 +39,7 @@ def _round_trip(result, tmp_path):
     before = greedy(result.model, inputs)
     out = save_compressed(result, tmp_path / "ckpt")
     reference = result.model.state_dict()
-    via_hf = AutoModelForImageTextToText.from_pretrained(out)
+    via_hf = hf_auto_class(result.adapter).from_pretrained(out)
     loaded = lowrank_kit.load(out)
     for model in (via_hf, loaded.model):
         assert quantized_structure(model) == quantized_structure(result.model)
@@ -78,7 +78,7 @@ def test_int4_and_latent_bits_round_trip(scheme, method, tmp_path):
 
 
 def test_untied_embeddings_stay_untied_after_reload(tmp_path):
-    from lowrank_kit.models.loading import model_class_for
+    from lowrank_kit.loading import model_class_for
     from lowrank_kit.models.tiny import tiny_config
 
     config = tiny_config("llava")
@@ -90,7 +90,7 @@ def test_untied_embeddings_stay_untied_after_reload(tmp_path):
         model, parse_recipe({"model": "llava", "steps": [{"type": "quantize", "scheme": "w8a8"}]})
     )
     out = _round_trip(result, tmp_path)
-    reloaded = AutoModelForImageTextToText.from_pretrained(out)
+    reloaded = hf_auto_class(result.adapter).from_pretrained(out)
     assert reloaded.lm_head.weight is not reloaded.model.language_model.embed_tokens.weight
 
 

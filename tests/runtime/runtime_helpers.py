@@ -7,8 +7,8 @@ import torch
 from checkpoint.ckpt_helpers import samples_for
 
 import lowrank_kit
-from lowrank_kit.models.families import TINY_PAD
-from lowrank_kit.models.loading import model_class_for
+from lowrank_kit.loading import model_class_for
+from lowrank_kit.models.families.common import TINY_PAD
 from lowrank_kit.models.tiny import TINY_FAMILIES, build_tiny_model, family_available, tiny_inputs
 from lowrank_kit.modules import JointLowRankProjection, PerHeadLowRankLinear
 from lowrank_kit.recipe import parse_recipe
@@ -84,16 +84,16 @@ def mha_config(config):
 
 def count_heads_kernel(monkeypatch) -> dict[str, int]:
     """Counts launch decisions for the per-head kernel (``heads_launch_config`` calls)."""
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+    from lowrank_kit.kernels.latent_attention import launch
 
     counts = {"heads": 0}
-    original = triton_impl.heads_launch_config
+    original = launch.heads_launch_config
 
     def spy(*args, **kwargs):
         counts["heads"] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(triton_impl, "heads_launch_config", spy)
+    monkeypatch.setattr(launch, "heads_launch_config", spy)
     return counts
 
 

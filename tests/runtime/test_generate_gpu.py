@@ -27,9 +27,9 @@ from runtime_helpers import (
     set_bits,
 )
 
-from lowrank_kit.models.families import TINY_PAD
-from lowrank_kit.models.loading import adapter_for_config
+from lowrank_kit.models.families.common import TINY_PAD
 from lowrank_kit.models.tiny import family_available, tiny_config
+from lowrank_kit.registry import adapter_for_config
 from lowrank_kit.runtime import LatentCache, LatentDecodeGraph, LatentLayer, enable_latent_decode
 from lowrank_kit.runtime.graph import GRAPH_ATTR, cache_kwarg
 

@@ -10,9 +10,9 @@ from runtime_helpers import (
     padded_batch,
 )
 
-from lowrank_kit.models.families import molmo2_attention_info
-from lowrank_kit.models.loading import adapter_for_config
+from lowrank_kit.models.families.molmo2 import molmo2_attention_info
 from lowrank_kit.models.tiny import family_available, tiny_config
+from lowrank_kit.registry import adapter_for_config
 from lowrank_kit.runtime import LatentDecodeError, enable_latent_decode
 from lowrank_kit.runtime.rope import rope_spec
 

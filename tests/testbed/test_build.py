@@ -133,9 +133,10 @@ def test_loads_with_from_pretrained_and_through_the_llava_adapter(tiny):
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from lowrank_kit.data.samples import prompt_inputs
-    from lowrank_kit.models.loading import adapter_for_config, load_model
+    from lowrank_kit.data.synthetic import generate_items
+    from lowrank_kit.loading import load_model
     from lowrank_kit.models.tiny import build_tiny_model
-    from lowrank_kit.testbed.generator import generate_items
+    from lowrank_kit.registry import adapter_for_config
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny["path"]).eval()
     assert sum(p.numel() for p in model.parameters()) == tiny["parameters"]

@@ -14,6 +14,7 @@ import os
 import torch
 
 from lowrank_kit.errors import LowRankError
+from lowrank_kit.kernels.latent_attention import naive
 from lowrank_kit.kernels.latent_attention.layout import (
     LatentKV,
     LatentLayout,
@@ -149,8 +150,6 @@ def latent_attention_decode(
     if backend == "auto":
         backend = "triton" if q.is_cuda else "naive"
     if backend == "naive":
-        from lowrank_kit.kernels.latent_attention import naive
-
         res = naive.latent_attention_decode(q, kv, w, starts, ends)
         return res if out is None else out.copy_(res)
     if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
@@ -160,6 +159,6 @@ def latent_attention_decode(
         )
     if q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         check_compiled(w.head_dim)
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl  # Triton: only where it runs
 
     return triton_impl.latent_attention_decode(q, kv, w, starts, ends, max_len=max_len, out=out)

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lowrank_kit.quant.primitives import pack_int4, unpack_int4
+
 # Rows of the cache are padded to this many elements so that the row stride is divisible by 16, which
 # lets Triton prove 16-byte alignment of every row and use vector loads.
 ROW_MULTIPLE = 16
@@ -223,8 +225,6 @@ def quantize_int4(packed: torch.Tensor, layout: LatentLayout) -> tuple[torch.Ten
     """Symmetric int4 per (token, group), the int8 scale layout with ``qmax = 7``: returns (q
     [..., row_width / 2] uint8, two columns a byte: column 2j in the low nibble, 2j+1 in the high one,
     4-bit two's complement; scale [..., num_groups] fp32). ``packed ≈ unpack(q) · scale``."""
-    from lowrank_kit.quant.primitives import pack_int4
-
     if layout.row_width % 2:
         raise ValueError(f"int4 rows pack two columns a byte; row_width {layout.row_width} is odd")
     x = packed.float()
@@ -245,8 +245,6 @@ def dequantize_latents(
 ) -> torch.Tensor:
     """Packed rows back to fp32 [..., row_width]: ``q · scale`` of each column's group (int8 rows, or
     int4 rows as :func:`quantize_int4` writes them)."""
-    from lowrank_kit.quant.primitives import unpack_int4
-
     values = q if bits == 8 else unpack_int4(q, layout.row_width)
     group = torch.zeros(layout.row_width, dtype=torch.long)
     for g in range(layout.num_groups):

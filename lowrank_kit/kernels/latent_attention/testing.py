@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowrank_kit.kernels.latent_attention.launch import LaunchConfig, plan_launch
 from lowrank_kit.kernels.latent_attention.layout import (
     LatentKV,
     LatentLayout,
@@ -150,16 +151,21 @@ def make_problem(
     return Problem(q, kv, w, starts, ends)
 
 
-def run_poisoned(p: Problem, config=None) -> torch.Tensor:
+def run_poisoned(p: Problem, config: LaunchConfig | None = None) -> torch.Tensor:
     """The Triton kernel's output on ``p`` (launch ``config``, default: the launcher's choice), its output
     buffer and split partials filled with NaN first, so an entry no program wrote stays NaN."""
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl  # Triton: only where it runs
 
-    out = torch.full(
-        (p.q.shape[0], p.w.num_heads, p.w.out_width), float("nan"), device=p.q.device, dtype=p.q.dtype
-    )
+    def nan(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.full(shape, float("nan"), device=p.q.device, dtype=dtype)
+
+    max_len = p.kv.k.shape[1]  # the launcher's default, spelled out so that both plan the same launch
+    plan = plan_launch(p.q.shape[0], max_len, p.w, p.q.device, config)
+    shape = plan.partials_shape
+    workspace = None if plan.n_splits == 1 else (nan(shape, torch.float32), nan(shape[:3], torch.float32))
+    out = nan((p.q.shape[0], p.w.num_heads, p.w.out_width), p.q.dtype)
     triton_impl.latent_attention_decode(
-        p.q, p.kv, p.w, p.starts, p.ends, config=config, out=out, poison_workspace=True
+        p.q, p.kv, p.w, p.starts, p.ends, max_len=max_len, config=config, out=out, workspace=workspace
     )
     return out
 

@@ -13,22 +13,22 @@ Pass 1, one program per (sequence split, KV head × V chunk, batch row):
   With a single split, pass 1 writes the output directly and pass 2 is skipped.
 
 Variants are compile-time flags (int8, bias, norm scale, M-RoPE, rank chunking), not separate kernels.
-Launch configuration comes from :func:`launch_config` (a small table keyed by shape), so the first call
-compiles once and never autotunes.
+The launch geometry is plain Python in :mod:`~lowrank_kit.kernels.latent_attention.launch`
+(:func:`~lowrank_kit.kernels.latent_attention.launch.launch_config`: a small table keyed by shape), so the
+first call compiles once and never autotunes.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from lowrank_kit.kernels.latent_attention.layout import HEADS_COLUMNS, HEADS_MAX, LatentKV, LatentWeights
+from lowrank_kit.kernels.latent_attention.launch import LaunchConfig, LaunchPlan, cdiv, plan_launch, pow2
+from lowrank_kit.kernels.latent_attention.layout import LatentKV, LatentWeights
 
 LOG2E = 1.4426950408889634
 
@@ -570,194 +570,7 @@ def _latent_decode_merge(
     tl.store(OUT + b * stride_ob + h * stride_oh + r, o.to(OUT.dtype.element_ty), mask=r_ok)
 
 
-# -- launch configuration --------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class LaunchConfig:
-    """Block sizes and schedule of one launch. ``split_len`` 0 lets :func:`launch_config` choose.
-
-    ``heads_per_program`` > 0 selects the per-head kernel (:func:`uses_heads_kernel`): each program
-    scores a run of at most that many consecutive KV heads whose K and V latents fit ``columns`` columns
-    (:func:`head_blocks`); ``rank_chunk`` / ``v_chunk`` are ignored. 0 selects the grouped kernel, which
-    rebuilds K in ``rank_chunk``-row chunks and accumulates V in ``v_chunk``-wide chunks.
-
-    ``maxnreg`` > 0 caps the registers a thread may use (ptxas spills what does not fit), trading spills
-    for more resident programs per SM; 0 leaves the choice to the compiler. Ignored off CUDA.
-    """
-
-    block_n: int
-    num_warps: int
-    num_stages: int
-    rank_chunk: int
-    v_chunk: int
-    split_len: int = 0
-    heads_per_program: int = 0
-    columns: int = 128
-    maxnreg: int = 0
-
-
-def _cdiv(a: int, b: int) -> int:
-    # Host-side ceil division: triton.cdiv is a jit function, and calling one from Python costs ~7 µs
-    # (five per launch were half of the launcher's own time).
-    return -(-a // b)
-
-
-def _pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
-
-
-# (widest K chunk, widest V chunk) → (block_n, num_warps, num_stages), from the launch sweep of
-# benchmarks/attention_decode.py on an H200 (docs/kernel.md lists it). Keys are upper bounds, checked in
-# order; the last row covers the shared-latent shapes (rank chunked to 64, V chunks of 256).
-_TABLE: tuple[tuple[int, int, tuple[int, int, int]], ...] = (
-    (64, 64, (64, 4, 3)),
-    (64, 128, (64, 4, 2)),
-    (1 << 30, 1 << 30, (32, 8, 2)),
-)
-
-
-# Per-head kernel: heads adjacent in the cached row are packed into programs of at most `columns` K and V latent
-# columns (and at most 16 heads), then (block_n, num_warps, num_stages) by the padded column count. From
-# the launch sweep of benchmarks/attention_decode.py on an H100 (docs/kernel.md): 128 columns, 64-token
-# tiles, 4 warps and 2 stages measured fastest (two rank-64 heads: 442 µs at B=16, 8192 tokens, against
-# 543-871 µs with 8 warps, 542-629 µs with one head and 546 µs with four heads a program).
-_HEADS_TABLE: tuple[tuple[int, tuple[int, int, int]], ...] = (
-    (128, (64, 4, 2)),
-    (256, (64, 8, 2)),
-    (1 << 30, (32, 8, 2)),
-)
-
-
-def uses_heads_kernel(w: LatentWeights) -> bool:
-    """Whether the per-head kernel serves this layer: every KV head has its own K and V latent (WSVD's
-    per-head factors, any ranks) and one query head per KV head (MHA). Shared, grouped and joint latents
-    and GQA run on the grouped kernel, which rebuilds each KV head's keys once for all its query heads."""
-    heads = tuple(range(w.num_kv_heads))
-    return (
-        w.queries_per_kv == 1
-        and w.k_layout.head_group == heads
-        and w.v_layout.head_group == heads
-        and w.k_layout.order == w.v_layout.order  # a program's K and V latents: one run of heads each
-    )
-
-
-@functools.lru_cache(maxsize=1024)
-def head_blocks(
-    k_widths: tuple[int, ...], v_widths: tuple[int, ...], columns: int, max_heads: int
-) -> tuple[tuple[int, int], ...]:
-    """Runs of consecutive heads ``(first, count)``, each adding heads while its K and its V latents stay
-    within ``columns`` (a head wider than that is a run of its own) and it holds at most ``max_heads``."""
-    blocks: list[tuple[int, int]] = []
-    first, kc, vc = 0, 0, 0
-    for j, (kw, vw) in enumerate(zip(k_widths, v_widths)):
-        count = j - first
-        if count and (kc + kw > columns or vc + vw > columns or count == max_heads):
-            blocks.append((first, count))
-            first, kc, vc = j, 0, 0
-        kc, vc = kc + kw, vc + vw
-    blocks.append((first, len(k_widths) - first))
-    return tuple(blocks)
-
-
-def _row_widths(w: LatentWeights) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """K and V widths of the heads in row order (the per-head kernel packs runs of adjacent heads)."""
-    order = w.k_layout.order
-    return tuple(w.k_layout.widths[g] for g in order), tuple(w.v_layout.widths[g] for g in order)
-
-
-class _HeadGeometry(NamedTuple):
-    blocks: tuple[tuple[int, int], ...]
-    heads: int  # most heads in one program
-    k_columns: int  # padded K columns of the widest program (a power of two, at least 16)
-    v_columns: int
-
-
-@functools.lru_cache(maxsize=1024)
-def _head_geometry(
-    k_widths: tuple[int, ...], v_widths: tuple[int, ...], columns: int, max_heads: int
-) -> _HeadGeometry:
-    """The programs of the per-head kernel and their compile-time sizes, computed once per layout (the
-    launch asks for them at every decode step of every layer)."""
-    blocks = head_blocks(k_widths, v_widths, columns, max_heads)
-
-    def padded(widths: tuple[int, ...]) -> int:
-        return max(16, _pow2(max(sum(widths[f : f + n]) for f, n in blocks)))
-
-    return _HeadGeometry(blocks, max(n for _, n in blocks), padded(k_widths), padded(v_widths))
-
-
-def heads_launch_config(
-    batch: int,
-    max_len: int,
-    w: LatentWeights,
-    device: torch.device,
-    heads_per_program: int = 0,
-    columns: int = HEADS_COLUMNS,
-) -> LaunchConfig:
-    """Launch of the per-head kernel: heads packed into programs of at most ``columns`` latent columns
-    and ``heads_per_program`` heads (0: up to :data:`HEADS_MAX`), block sizes from the table."""
-    max_heads = heads_per_program if heads_per_program > 0 else HEADS_MAX
-    geo = _head_geometry(*_row_widths(w), columns, max_heads)
-    if device.type != "cuda":
-        block_n, warps, stages = 16, 4, 1
-    else:
-        block_n, warps, stages = next(cfg for limit, cfg in _HEADS_TABLE if geo.k_columns <= limit)
-    split_len = _split_len(batch, len(geo.blocks), max_len, block_n, device)
-    return LaunchConfig(block_n, warps, stages, 0, 0, split_len, max_heads, columns)
-
-
-def launch_config(
-    batch: int, num_kv_heads: int, max_len: int, w: LatentWeights, device: torch.device
-) -> LaunchConfig:
-    """The kernel that serves this layer (:func:`uses_heads_kernel`), block sizes from its table, and a
-    split length so that the grid covers the GPU about four times."""
-    if uses_heads_kernel(w):
-        return heads_launch_config(batch, max_len, w, device)
-    return grouped_launch_config(batch, num_kv_heads, max_len, w, device)
-
-
-def grouped_launch_config(
-    batch: int, num_kv_heads: int, max_len: int, w: LatentWeights, device: torch.device
-) -> LaunchConfig:
-    """Launch of the grouped kernel (any layout): rank and V chunks, block sizes from its table."""
-    kw, vw = w.k_layout.max_width, w.out_width
-    # U_K,j stays in registers only up to 64 rows; wider ranks go in chunks of 64 (a [128, d] U in
-    # registers spilled and ran 3.5x slower on an H200).
-    rank_chunk = max(16, _pow2(kw)) if kw <= 64 else 64
-    v_chunk = max(16, _pow2(vw)) if vw <= 128 else 256
-    if device.type != "cuda":
-        # The interpreter runs every program in Python: small tiles keep tests quick while still
-        # exercising several tiles and splits per row.
-        block_n, warps, stages = 16, 4, 1
-    else:
-        for k_max, v_max, cfg in _TABLE:
-            if rank_chunk <= k_max and v_chunk <= v_max:
-                block_n, warps, stages = cfg
-                break
-    split_len = _split_len(batch, num_kv_heads * _cdiv(vw, v_chunk), max_len, block_n, device)
-    return LaunchConfig(block_n, warps, stages, rank_chunk, v_chunk, split_len)
-
-
-def _split_len(batch: int, programs_per_row: int, max_len: int, block_n: int, device: torch.device) -> int:
-    """Tokens per split, a multiple of ``block_n``, so that the grid covers the GPU about four times
-    over (rows × KV heads × V chunks × splits); long rows with many heads get one split each."""
-    per_split = batch * programs_per_row
-    target = 4 * _sm_count(device)
-    n_splits = max(1, min(_cdiv(target, per_split), _cdiv(max(max_len, 1), block_n)))
-    return _cdiv(_cdiv(max(max_len, 1), n_splits), block_n) * block_n
-
-
+# -- launch ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Static:
     """The launch's static device tensors for one layer: layout tables, RoPE, bias, padded up-projection."""
@@ -821,10 +634,25 @@ def _invf_by_component(w: LatentWeights) -> torch.Tensor:
     return torch.where(sec[None, :] == comps, invf[None, :], torch.zeros(())).contiguous()
 
 
-def _workspace(shape: tuple[int, ...], poison: bool, device: torch.device) -> torch.Tensor:
-    if poison:
-        return torch.full(shape, float("nan"), device=device, dtype=torch.float32)
-    return torch.empty(shape, device=device, dtype=torch.float32)
+def _partials(
+    plan: LaunchPlan, workspace: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split partials (outputs, log-sum-exps) of ``plan``: the caller's ``workspace`` once checked,
+    else new buffers."""
+    shape = plan.partials_shape
+    if workspace is None:
+        return (
+            torch.empty(shape, device=device, dtype=torch.float32),
+            torch.empty(shape[:3], device=device, dtype=torch.float32),
+        )
+    po, pl = workspace
+    for t, want in ((po, shape), (pl, shape[:3])):
+        if t.shape != want or t.dtype != torch.float32 or t.device != device or t.stride(-1) != 1:
+            raise ValueError(
+                f"workspace must be float32 {list(shape)} and {list(shape[:3])} on {device} with a "
+                f"contiguous last dim (plan_launch's partials_shape), got {t.dtype} {list(t.shape)} on {t.device}"
+            )
+    return po, pl
 
 
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -840,40 +668,30 @@ def latent_attention_decode(
     max_len: int | None = None,
     config: LaunchConfig | None = None,
     out: torch.Tensor | None = None,
-    poison_workspace: bool = False,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One decode step on the GPU (or under ``TRITON_INTERPRET=1``): [B, H_q, out_width] in q's dtype.
 
     ``max_len`` bounds ``ends - starts`` (defaults to the cache capacity, which over-counts splits but
     never reads past ``ends``); passing it avoids sizing the grid for empty capacity. ``config`` overrides
-    the launch (its ``heads_per_program`` picks the kernel; > 0 needs :func:`uses_heads_kernel`). ``out``
-    receives the result if given. ``poison_workspace`` fills the split partials with NaN first (tests: an
-    entry the merge reads but no split wrote then shows up as NaN).
+    the launch (its ``heads_per_program`` picks the kernel; > 0 needs
+    :func:`~lowrank_kit.kernels.latent_attention.launch.uses_heads_kernel`). ``out`` receives the result
+    if given. ``workspace`` holds the split partials if given: float32 outputs of
+    :func:`~lowrank_kit.kernels.latent_attention.launch.plan_launch`'s ``partials_shape`` and log-sum-exps
+    of its first three dims (unused when one split writes the output directly); else they are allocated.
     """
     b, hq, d = q.shape
     hkv = w.num_kv_heads
     max_len = kv.k.shape[1] if max_len is None else max_len
-    cfg = config or launch_config(b, hkv, max_len, w, q.device)
-    heads_kernel = cfg.heads_per_program > 0
-    if heads_kernel and not uses_heads_kernel(w):
-        raise ValueError(
-            "heads_per_program > 0 needs per-head K and V latents and one query head per KV head; "
-            f"this layer has {w.queries_per_kv} query heads per KV head and K groups {w.k_layout.head_group}"
-        )
-    if heads_kernel:
-        geo = _head_geometry(*_row_widths(w), cfg.columns, cfg.heads_per_program)
-        programs = n_blocks = len(geo.blocks)
-        n_vchunks = 1
-    else:
-        n_vchunks = _cdiv(w.out_width, cfg.v_chunk)
-        programs = hkv * n_vchunks
-    split_len = cfg.split_len or _split_len(b, programs, max_len, cfg.block_n, q.device)
-    n_rk = 1 if heads_kernel else _cdiv(w.k_layout.max_width, cfg.rank_chunk)
+    plan = plan_launch(b, max_len, w, q.device, config)
+    cfg, geo, n_vchunks = plan.config, plan.geometry, plan.n_vchunks
+    split_len, n_splits = plan.split_len, plan.n_splits
+    heads_kernel = geo is not None
+    n_rk = 1 if heads_kernel else cdiv(w.k_layout.max_width, cfg.rank_chunk)
     rows = w.k_up.shape[1] if heads_kernel else max(w.k_up.shape[1], n_rk * cfg.rank_chunk)
     st = _static(w, rows, q.device)
     k_up = st.k_up
     out_width = w.out_width
-    n_splits = max(1, _cdiv(max(max_len, 1), split_len))
     if out is None:
         out = torch.empty(b, hq, out_width, device=q.device, dtype=q.dtype)
     elif out.shape != (b, hq, out_width) or out.stride(2) != 1:
@@ -885,8 +703,7 @@ def latent_attention_decode(
         po = st.dummy.view(1, 1, 1, 1)
         pl = st.dummy.view(1, 1, 1)
     else:
-        po = _workspace((b, hq, n_splits, out_width), poison_workspace, q.device)
-        pl = _workspace((b, hq, n_splits), poison_workspace, q.device)
+        po, pl = _partials(plan, workspace, q.device)
 
     dummy = st.dummy
     k_scale = kv.k_scale if kv.k_scale is not None else dummy.view(1, 1, 1)
@@ -947,7 +764,7 @@ def latent_attention_decode(
         # fp16 dot operands whatever the 16-bit cache dtype (HF itself casts cos/sin to the model
         # dtype); fp32 models keep fp32 throughout.
         k16 = k_up.dtype != torch.float32
-        _latent_decode_heads[(n_splits, n_blocks, b)](
+        _latent_decode_heads[(n_splits, len(geo.blocks), b)](
             qc,
             kv.k,
             kv.v,
@@ -974,10 +791,10 @@ def latent_attention_decode(
             out_width,
             *strides,
             HB=geo.heads,
-            HP=max(16, _pow2(geo.heads)),
+            HP=max(16, pow2(geo.heads)),
             RKB=geo.k_columns,
             RVB=geo.v_columns,
-            OWP=max(16, _pow2(out_width)),
+            OWP=max(16, pow2(out_width)),
             KDT=tl.float16 if k16 else tl.float32,
             LAT16=k16 and kv.k.dtype in (torch.float16, torch.int8),
             **flags,
@@ -1011,15 +828,15 @@ def latent_attention_decode(
             out_width,
             *strides,
             QPK=w.queries_per_kv,
-            QP=max(16, _pow2(w.queries_per_kv)),
+            QP=max(16, pow2(w.queries_per_kv)),
             RKC=cfg.rank_chunk,
             NRKC=n_rk,
             RVC=cfg.v_chunk,
             **flags,
         )
     if not direct:
-        br = min(128, max(16, _pow2(out_width)))
-        _latent_decode_merge[(b * hq, _cdiv(out_width, br))](
+        br = min(128, max(16, pow2(out_width)))
+        _latent_decode_merge[(b * hq, cdiv(out_width, br))](
             po,
             pl,
             out,
@@ -1033,7 +850,7 @@ def latent_attention_decode(
             pl.stride(1),
             out.stride(0),
             out.stride(1),
-            NSP=max(2, _pow2(n_splits)),
+            NSP=max(2, pow2(n_splits)),
             BR=br,
         )
     return out

@@ -6,10 +6,10 @@ import re
 import numpy as np
 import pytest
 
+from lowrank_kit.data import synthetic as G
 from lowrank_kit.data.items import LETTERS, build_mcq_prompt
 from lowrank_kit.data.tsv import load_tsv
 from lowrank_kit.errors import CalibrationError
-from lowrank_kit.testbed import generator as G
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,11 @@ distinct copies of its inputs that together they exceed four times the L2 cache 
 warm cache), divided by the number of calls; the eager median of ``triton.testing.do_bench`` (host
 launch overhead included when it exceeds the device time) is recorded beside it. Every kernel variant
 is first checked against the naive fp32 twin on a 1000-token problem with ragged rows; a variant that
-fails reports no speedup. ``sweep`` times launch configurations at the target shape (the table in
-``triton.py`` comes from it). Results go to JSON; ``plot`` turns a JSON file into the latency-vs-length
-figure and the markdown table of docs/kernel.md. The script is ``benchmarks/attention_decode.py``::
+fails reports no speedup. ``sweep`` times launch configurations at the target shape (the tables in
+``kernels/latent_attention/launch.py`` come from it). :func:`run` takes its settings as a
+:class:`KernelSettings`, writes JSON, and :func:`plot` turns JSON files into the latency-vs-length figure
+and the markdown table of docs/kernel.md. The script ``benchmarks/attention_decode.py`` parses the
+command line into them::
 
     python benchmarks/attention_decode.py run --out benchmarks/results/attention_decode_h200.json --sweep
     python benchmarks/attention_decode.py plot benchmarks/results/attention_decode_h200.json docs
@@ -26,18 +28,29 @@ figure and the markdown table of docs/kernel.md. The script is ``benchmarks/atte
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import platform
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lowrank_kit.errors import LowRankError
+from lowrank_kit.kernels.latent_attention import naive
+from lowrank_kit.kernels.latent_attention.launch import LaunchConfig, grouped_launch_config
+from lowrank_kit.kernels.latent_attention.testing import make_problem, relative_error, run_poisoned
+from lowrank_kit.methods.allocation import importance_allocation
+from lowrank_kit.models.presets import preset_config
+from lowrank_kit.registry import adapter_for_config
 
 MODELS = {
     "llava-next-7b": dict(num_heads=32, num_kv_heads=32, head_dim=128, bias=False, mrope_section=None),
@@ -46,14 +59,49 @@ MODELS = {
 RHOS = (0.9, 0.7, 0.5)
 TARGET = dict(model="llava-next-7b", batch=16, length=8192, rho=0.5)
 CHECK_TOL = {"fp16": 3e-3, "int8": 3e-3}  # same roundings as the CPU tests (fp16 operands, fp32 accumulation)
+BATCHES = (1, 4, 16, 64)
+LENGTHS = (1024, 4096, 8192, 32768)
+GRIDS = ("cross", "full")
+
+
+@dataclass
+class KernelSettings:
+    """What one run of :func:`run` measures and where it writes (see the module docstring).
+
+    ``grid``: "cross" (every length at the target batch and every batch at the target length) or "full"
+    (every combination of ``batches`` and ``lengths``); shapes whose full fp16 K/V exceed ``max_kv_gb``
+    are skipped, and the grid stops after ``time_budget`` seconds. ``sweep`` also times launch
+    configurations at the target shape (``sweep_classes``: only these, default all);
+    ``skip_index_order`` leaves out the ragged_index variants (ragged heads by index, before packing).
+    """
+
+    out: Path | str
+    batches: Sequence[int] = BATCHES
+    lengths: Sequence[int] = LENGTHS
+    grid: str = "cross"
+    max_kv_gb: float = 18.0
+    time_budget: float = 400.0
+    sweep: bool = False
+    sweep_classes: Sequence[str] | None = None
+    skip_index_order: bool = False
+
+    def validate(self) -> None:
+        if self.grid not in GRIDS:
+            raise LowRankError(f"unknown grid {self.grid!r}; available: {', '.join(GRIDS)}")
+        for name in ("batches", "lengths"):
+            values = list(getattr(self, name))
+            if not values or any(v < 1 for v in values):
+                raise LowRankError(f"{name} must be one or more positive integers, got {values}")
+        unknown = sorted(set(self.sweep_classes or ()) - set(SWEEP_CLASS_NAMES))
+        if unknown:
+            raise LowRankError(
+                f"unknown sweep class {unknown[0]!r}; available: {', '.join(SWEEP_CLASS_NAMES)}"
+            )
 
 
 def attention_shape(alias: str) -> dict[str, Any]:
     """The decode-attention shape of a preset (``lowrank models`` lists them), in :data:`MODELS`' form:
     query and KV heads, head_dim, K bias, M-RoPE sections and QK-norm, read from its config."""
-    from lowrank_kit.models.loading import adapter_for_config
-    from lowrank_kit.models.presets import preset_config
-
     config = preset_config(alias)
     info = adapter_for_config(config).info(config)
     return dict(
@@ -72,8 +120,6 @@ def uniform_ranks(rho: float, heads: int, d: int) -> list[int]:
 
 def ragged_ranks(rho: float, heads: int, d: int, seed: int) -> list[int]:
     """Ranks from the importance allocator (granularity 8) on synthetic spectra that differ by head."""
-    from lowrank_kit.methods.allocation import importance_allocation
-
     gen = torch.Generator().manual_seed(seed)
     decay = torch.rand(heads, generator=gen) * 40 + 8  # some heads concentrate their energy, some do not
     scores = [torch.exp(-torch.arange(d, dtype=torch.float64) / float(t)) for t in decay]
@@ -98,8 +144,6 @@ def problem(
     """A decode problem at a benchmark shape; positions as in generation unless ``positions`` says
     "random" (see :func:`~lowrank_kit.kernels.latent_attention.testing.make_problem`). ``head_order``:
     None lays per-head latents out as the runtime does (packed for MHA), or "index" / "packed"."""
-    from lowrank_kit.kernels.latent_attention.testing import make_problem
-
     m = MODELS[model] if isinstance(model, str) else model
     return make_problem(
         batch=batch,
@@ -164,8 +208,6 @@ def copy_bandwidth() -> float:
 
 
 def sdpa_backends() -> dict[str, Any]:
-    from torch.nn.attention import SDPBackend
-
     found = {"default": None}
     for name, attr in (
         ("flash", "FLASH_ATTENTION"),
@@ -179,9 +221,6 @@ def sdpa_backends() -> dict[str, Any]:
 
 def time_sdpa(model: str | dict[str, Any], batch: int, length: int) -> dict[str, Any]:
     """Device µs of one decode step of SDPA on full fp16 K/V, per backend (a reason where one refuses)."""
-    import torch.nn.functional as F
-    from torch.nn.attention import sdpa_kernel
-
     m = MODELS[model] if isinstance(model, str) else model
     hq, hkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -216,9 +255,6 @@ def time_sdpa(model: str | dict[str, Any], batch: int, length: int) -> dict[str,
 def _error_vs_naive(p, config=None) -> float:
     """Relative error of the kernel against its naive twin on problem ``p``; the output buffer and the
     split partials start as NaN, so an entry nobody wrote fails the comparison."""
-    from lowrank_kit.kernels.latent_attention import naive
-    from lowrank_kit.kernels.latent_attention.testing import relative_error, run_poisoned
-
     return relative_error(
         run_poisoned(p, config), naive.latent_attention_decode(p.q, p.kv, p.w, p.starts, p.ends)
     )
@@ -248,8 +284,8 @@ def check_variant(
     return worst < CHECK_TOL["int8" if int8 else "fp16"], worst
 
 
-def kernel_fn(p, max_len: int, config=None):
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
+def kernel_fn(p, max_len: int, config: LaunchConfig | None = None):
+    from lowrank_kit.kernels.latent_attention import triton as triton_impl  # Triton: only where it runs
 
     def fn():
         return triton_impl.latent_attention_decode(
@@ -307,6 +343,8 @@ _HEADS_SWEEP = {
         (1, 64, 4, 2, 128, 1024),
     ],
 }
+# The classes a sweep can be restricted to (grouped: Qwen2-VL on the grouped kernel's table launch).
+SWEEP_CLASS_NAMES = (*_HEADS_SWEEP, "grouped")
 SWEEP_CLASSES = (
     # (model, ρ2, dtype, ranks, configs)
     ("llava-next-7b", 0.5, "fp16", "uniform", "fp16"),
@@ -347,13 +385,11 @@ def _config_ok(model: str, ranks, int8: bool, cfg) -> tuple[bool, float]:
 
 
 def sweep(
-    copy: float, say=print, rows: list | None = None, save=None, classes: tuple[str, ...] | None = None
+    copy: float, say=print, rows: list | None = None, save=None, classes: Sequence[str] | None = None
 ) -> list[dict[str, Any]]:
     """Time launch configurations of both kernels at the target shape (Qwen2-VL at batch 64); every
     configuration is first checked against the naive twin, and one that fails is not timed. Rows are
     appended to ``rows`` (returned) and ``save`` is called after each, so a stopped sweep keeps its rows."""
-    from lowrank_kit.kernels.latent_attention import triton as triton_impl
-
     rows = [] if rows is None else rows
     for model, rho, dt, kind, configs in SWEEP_CLASSES:
         if classes is not None and (configs or "grouped") not in classes:
@@ -367,16 +403,14 @@ def sweep(
         b = 16 if model == "llava-next-7b" else 64
         int8 = dt == "int8"
         p = problem(model, b, 8192, ranks, int8=int8)
-        base = dataclasses.replace(
-            triton_impl.grouped_launch_config(b, hkv, 8192, p.w, p.q.device), split_len=0
-        )
+        base = dataclasses.replace(grouped_launch_config(b, hkv, 8192, p.w, p.q.device), split_len=0)
         candidates = [base] + [
             # 0 heads a program: the grouped kernel with the base's rank and V chunks.
             dataclasses.replace(
                 base, block_n=bn, num_warps=warps, num_stages=stages, split_len=split, maxnreg=maxnreg
             )
             if hb == 0
-            else triton_impl.LaunchConfig(bn, warps, stages, 0, 0, split, hb, maxnreg=maxnreg)
+            else LaunchConfig(bn, warps, stages, 0, 0, split, hb, maxnreg=maxnreg)
             for hb, bn, warps, stages, maxnreg, split in map(_sweep_entry, _HEADS_SWEEP.get(configs, ()))
         ]
         for cfg in candidates:
@@ -417,34 +451,33 @@ def kernel_row(p, fn_us: float, copy_tbs: float) -> dict[str, Any]:
     return {"us": fn_us, "bytes": nbytes, "GB_s": gbs, "frac_copy": gbs / (copy_tbs * 1e3)}
 
 
-def grid_shapes(args: argparse.Namespace) -> list[tuple[int, int]]:
+def grid_shapes(settings: KernelSettings) -> list[tuple[int, int]]:
     """(batch, tokens) pairs: every combination (``full``), or every length at the target batch and
     every batch at the target length (``cross``)."""
-    if args.grid == "full":
-        return [(b, n) for b in args.batches for n in args.lengths]
+    if settings.grid == "full":
+        return [(b, n) for b in settings.batches for n in settings.lengths]
     tb, tn = TARGET["batch"], TARGET["length"]
-    return [(tb, n) for n in args.lengths] + [(b, tn) for b in args.batches if b != tb]
+    return [(tb, n) for n in settings.lengths] + [(b, tn) for b in settings.batches if b != tb]
 
 
 def run(
-    args: argparse.Namespace,
+    settings: KernelSettings,
     models: dict[str, dict[str, Any]] | None = None,
     rhos: tuple[float, ...] = RHOS,
     say=print,
 ) -> dict[str, Any]:
-    """Measure and write ``args.out`` (JSON, rewritten after every shape); returns the results.
+    """Measure and write ``settings.out`` (JSON, rewritten after every shape); returns the results.
 
     ``models``: name → shape as in :data:`MODELS` (the default); ``rhos``: the ρ2 values of the latent
-    variants; ``say``: where progress lines go. ``args``: ``out``, ``batches``, ``lengths``, ``grid``,
-    ``max_kv_gb``, ``time_budget`` and ``sweep`` (the launch sweep runs on :data:`MODELS`' shapes only).
+    variants; ``say``: where progress lines go. The launch sweep (``settings.sweep``) runs on
+    :data:`MODELS`' shapes only.
     """
-    import triton
-
-    from lowrank_kit.kernels.latent_attention import naive
+    settings.validate()
+    import triton  # Triton: only where the benchmark runs
 
     t0 = time.time()
     target = (TARGET["batch"], TARGET["length"])
-    out_path = Path(args.out)
+    out_path = Path(settings.out)
     res: dict[str, Any] = {
         "command": " ".join(["python", *sys.argv]),
         "device": torch.cuda.get_device_name(),
@@ -478,7 +511,7 @@ def run(
                     variants.append(
                         dict(model=model, rho=rho, ranks=mode, dtype=dt, layout="per_head", r=ranks)
                     )
-            if m["num_heads"] == hkv and not args.skip_index_order:
+            if m["num_heads"] == hkv and not settings.skip_index_order:
                 # Ragged heads laid out by index (before the runtime packed them): the packing's gain.
                 for dt in ("fp16", "int8"):
                     variants.append(
@@ -508,20 +541,22 @@ def run(
         say(f"check {key}: {'ok' if ok else 'FAILED'} ({err})")
     save()
 
-    if args.sweep:
-        sweep(copy, say, rows=res["sweep"], save=save, classes=args.sweep_classes)
+    if settings.sweep:
+        sweep(copy, say, rows=res["sweep"], save=save, classes=settings.sweep_classes)
 
     for model, m in models.items():
         hq, hkv, d = m["num_heads"], m["num_kv_heads"], m["head_dim"]
-        for batch, length in grid_shapes(args):
+        for batch, length in grid_shapes(settings):
             full_bytes = 2 * batch * hkv * length * d * 2
-            if full_bytes > args.max_kv_gb * 1e9:
+            if full_bytes > settings.max_kv_gb * 1e9:
                 res.setdefault("skipped", []).append(
-                    f"{model} B={batch} S={length}: full K/V {full_bytes / 1e9:.1f} GB > --max-kv-gb {args.max_kv_gb}"
+                    f"{model} B={batch} S={length}: full K/V {full_bytes / 1e9:.1f} GB > --max-kv-gb {settings.max_kv_gb}"
                 )
                 continue
-            if time.time() - t0 > args.time_budget:
-                res["truncated"] = f"stopped at {model} B={batch} S={length}: time budget {args.time_budget}s"
+            if time.time() - t0 > settings.time_budget:
+                res["truncated"] = (
+                    f"stopped at {model} B={batch} S={length}: time budget {settings.time_budget}s"
+                )
                 save()
                 say(res["truncated"])
                 return res
@@ -642,7 +677,7 @@ def summarize(res: dict[str, Any], say=print) -> None:
 
 
 # -- docs: table and plot from JSON files -----------------------------------------------------------------
-def load_results(paths: list[str]) -> dict[str, Any]:
+def load_results(paths: Sequence[str]) -> dict[str, Any]:
     """One result from one or more JSON files of ``run`` (say one per model of the full grid): their
     rows together. The files must come from the same device, or their timings would not compare."""
     results = []
@@ -712,15 +747,17 @@ def speedup_matrix(rows: list[dict[str, Any]], model: str, rho: float, ranks: st
     return lines
 
 
-def plot(args: argparse.Namespace) -> None:
-    import matplotlib
+def plot(paths: Sequence[str], docs: str, say=print) -> None:
+    """Write ``docs``/kernel_latency.png and ``docs``/kernel_table.md from the JSON files of :func:`run`
+    at ``paths`` (one device; see :func:`load_results`)."""
+    import matplotlib  # an optional dependency: only the plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    res = load_results(args.json)
+    res = load_results(paths)
     rows = res["rows"]
-    docs = Path(args.docs)
+    docs_dir = Path(docs)
     # One panel per model and batch that the run measured at two or more lengths (a model the run did
     # not reach, or a batch of the cross grid's single length, gets no empty panel).
     panels = [
@@ -730,7 +767,7 @@ def plot(args: argparse.Namespace) -> None:
         if len({r["length"] for r in rows if r["model"] == m and r["batch"] == b}) > 1
     ]
     if not panels:
-        raise SystemExit(f"{', '.join(args.json)}: no batch measured at two or more lengths to plot")
+        raise SystemExit(f"{', '.join(paths)}: no batch measured at two or more lengths to plot")
     models = list(dict.fromkeys(m for m, _ in panels))
     cols = max(sum(1 for m2, _ in panels if m2 == m) for m in models)
     fig, axes = plt.subplots(len(models), cols, figsize=(4.6 * cols, 3.9 * len(models)), squeeze=False)
@@ -754,10 +791,10 @@ def plot(args: argparse.Namespace) -> None:
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"Decode attention on {res['device']} (median of CUDA-graph replays)")
     fig.tight_layout()
-    fig.savefig(docs / "kernel_latency.png", dpi=110)
+    fig.savefig(docs_dir / "kernel_latency.png", dpi=110)
 
     lines = [
-        f"<!-- generated by `python benchmarks/attention_decode.py plot {' '.join(args.json)} {args.docs}` -->",
+        f"<!-- generated by `python benchmarks/attention_decode.py plot {' '.join(paths)} {docs}` -->",
         "",
         f"Device: {res['device']}; copy ceiling {res['copy_TB_s']:.2f} TB/s. Speedup of the latent kernel over "
         "the best SDPA backend on full fp16 K/V, and in parentheses the fraction of the copy bandwidth "
@@ -801,66 +838,5 @@ def plot(args: argparse.Namespace) -> None:
                 f"| {r['model']} | {r['batch']} | {r['length']} | naive PyTorch | 0.5 | uniform | fp16 "
                 f"| {'out of memory' if us is None else f'{us:.1f}'} | | | |"
             )
-    (docs / "kernel_table.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {docs / 'kernel_latency.png'} and {docs / 'kernel_table.md'}")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="measure on the GPU and write JSON")
-    r.add_argument("--out", required=True)
-    r.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
-    r.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192, 32768])
-    r.add_argument(
-        "--max-kv-gb", type=float, default=18.0, help="skip shapes whose full fp16 K/V exceed this"
-    )
-    r.add_argument("--sweep", action="store_true", help="also time launch configurations at the target shape")
-    r.add_argument(
-        "--sweep-classes",
-        nargs="+",
-        choices=(*_HEADS_SWEEP, "grouped"),
-        default=None,
-        help="time only these sweep classes (grouped: Qwen2-VL on the grouped kernel); default all",
-    )
-    r.add_argument(
-        "--rhos", type=float, nargs="+", default=list(RHOS), help="ρ2 values of the latent variants"
-    )
-    r.add_argument(
-        "--grid",
-        choices=("cross", "full"),
-        default="cross",
-        help="cross: all lengths at batch 16 and all batches at 8192 tokens; full: every combination",
-    )
-    r.add_argument(
-        "--time-budget", type=float, default=400.0, help="stop the shape grid after this many seconds"
-    )
-    r.add_argument(
-        "--skip-index-order",
-        action="store_true",
-        help="leave out the ragged_index variants (ragged heads by index, the layout before packing)",
-    )
-    r.add_argument(
-        "--models",
-        nargs="+",
-        choices=tuple(MODELS),
-        default=list(MODELS),
-        help="attention shapes to time (default all); the launch sweep ignores it",
-    )
-    p = sub.add_parser(
-        "plot", help="write docs/kernel_latency.png and docs/kernel_table.md from JSON files of one device"
-    )
-    p.add_argument("json", nargs="+", help="result files of `run` (say one per model of the full grid)")
-    p.add_argument("docs")
-    args = parser.parse_args()
-    if args.cmd == "run":
-        if not torch.cuda.is_available():
-            sys.exit("attention_decode.py run needs a CUDA GPU")
-        models = {name: MODELS[name] for name in dict.fromkeys(args.models)}
-        run(args, models=models, rhos=tuple(args.rhos), say=partial(print, flush=True))
-    else:
-        plot(args)
-
-
-if __name__ == "__main__":
-    main()
+    (docs_dir / "kernel_table.md").write_text("\n".join(lines) + "\n")
+    say(f"wrote {docs_dir / 'kernel_latency.png'} and {docs_dir / 'kernel_table.md'}")

@@ -28,12 +28,14 @@ synchronization; tokens/s = batch · steps / seconds. Prefill is timed on its ow
 position only). Prompts are text tokens: the vision tower is built, since it is part of the
 architecture, but never runs, and decode speed does not depend on it (an image only decides which
 tokens sit in the cache). ``layers`` and ``hidden_scale`` shrink the architecture for smoke runs.
-``benchmarks/decode_e2e.py`` is the script; ``lowrank bench speed`` runs it for any preset.
+``benchmarks/decode_e2e.py`` is the script (it parses the command line into :class:`E2ESettings`);
+``lowrank bench speed`` runs it for any preset.
 """
 
 from __future__ import annotations
 
 import gc
+import inspect
 import math
 import platform
 import statistics
@@ -42,8 +44,22 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import transformers
+from transformers.cache_utils import DynamicCache, StaticCache
 
+from lowrank_kit.data.calibration import CalibrationSample
 from lowrank_kit.errors import LowRankError
+from lowrank_kit.kernels.latent_attention.launch import head_blocks, row_widths, uses_heads_kernel
+from lowrank_kit.kernels.latent_attention.layout import HEADS_COLUMNS, HEADS_MAX
+from lowrank_kit.models.presets import build_random_model, get_preset, preset_config
+from lowrank_kit.pipeline import compress
+from lowrank_kit.progress import NULL_REPORTER
+from lowrank_kit.recipe import parse_recipe
+from lowrank_kit.registry import adapter_for_config
+from lowrank_kit.runtime import enable_latent_decode
+from lowrank_kit.runtime.attention import STATE_ATTR
+from lowrank_kit.runtime.cache import LatentCache, LatentLayer
+from lowrank_kit.runtime.graph import LatentDecodeGraph
 
 # Tolerance of the check, as a fraction of each row's logit range. Both runs round to the model dtype in
 # different places (K/V after the up-projection vs the latents); ~1e-3 of the range was measured in
@@ -86,7 +102,6 @@ class E2ESettings:
     seed: int = 0
 
     def validate(self) -> None:
-        from lowrank_kit.models.presets import get_preset
 
         get_preset(self.arch)  # an unknown alias lists the valid ones
         if self.dtype not in DTYPES:
@@ -118,8 +133,6 @@ def shrunk_config(arch: str, layers: int | None = None, hidden_scale: int | None
     """The preset's config with ``layers`` decoder layers and widths and head counts divided by
     ``hidden_scale`` (head_dim kept). A shrunk model also gets a two-layer vision tower; fields of the
     vision side that equal the text width (projector outputs) follow the new width."""
-    from lowrank_kit.models.presets import preset_config
-
     config = preset_config(arch)
     text = config.get_text_config()
     if layers is not None:
@@ -161,7 +174,6 @@ def shrunk_config(arch: str, layers: int | None = None, hidden_scale: int | None
 
 
 def build(settings: E2ESettings):
-    from lowrank_kit.models.presets import build_random_model
 
     config = shrunk_config(settings.arch, settings.layers, settings.hidden_scale)
     return build_random_model(
@@ -189,8 +201,6 @@ def prompt_ids(model, batch: int, length: int, seed: int) -> torch.Tensor:
 
 def calibration_samples(model, count: int, tokens: int, seed: int) -> list:
     """Random-token samples, the last eight tokens labelled as the answer."""
-    from lowrank_kit.data.calibration import CalibrationSample
-
     out = []
     for i in range(count):
         ids = prompt_ids(model, 1, tokens, seed + 1000 + i)
@@ -202,7 +212,6 @@ def calibration_samples(model, count: int, tokens: int, seed: int) -> list:
 
 # -- timing -------------------------------------------------------------------------------------------
 def _cache_kwarg(model) -> str:
-    import inspect
 
     # transformers 5.24 names the forward's cache argument `cache`, 5.17 `past_key_values`.
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -216,8 +225,6 @@ def _sync(device: torch.device) -> None:
 def _cache_bytes(cache) -> tuple[int, int]:
     """(bytes the cached tokens occupy, bytes allocated): equal for transformers' K/V layers; a latent
     layer allocates whole chunks."""
-    from lowrank_kit.runtime.cache import LatentLayer
-
     used = allocated = 0
     for layer in cache.layers:
         if isinstance(layer, LatentLayer):
@@ -235,15 +242,11 @@ def _cache_bytes(cache) -> tuple[int, int]:
 def _new_cache(model, latent: bool, max_length: int):
     """transformers' default cache, or a latent cache allocated once for ``max_length`` tokens (a
     growing one would copy itself when decoding passes the prompt, holding both copies for a moment)."""
-    from transformers.cache_utils import DynamicCache
-
-    from lowrank_kit.runtime.cache import LatentCache
 
     return LatentCache(max_length=max_length) if latent else DynamicCache(config=model.config)
 
 
 def _static_cache(model, max_length: int):
-    from transformers.cache_utils import StaticCache
 
     return StaticCache(config=model.config, max_cache_len=max_length)
 
@@ -285,8 +288,6 @@ def decode_stepper(model, cache, mode: str, batch: int, device: torch.device):
     """``(step, runner)``: ``step(tok) -> logits [B, vocab]`` runs one decode step of ``model`` on the
     prefilled ``cache`` the way ``mode`` says (see :func:`measure`); ``runner`` is the graph object (or
     None; close a :class:`~lowrank_kit.runtime.graph.LatentDecodeGraph` after use)."""
-    from lowrank_kit.runtime.graph import LatentDecodeGraph
-
     if mode not in ("eager", "graph", "static_graph"):
         raise LowRankError(f"unknown decode mode {mode!r}; available: eager, graph, static_graph")
     kw = _cache_kwarg(model)
@@ -324,8 +325,6 @@ def measure(
     ``StaticCache`` and the step replayed from a CUDA graph); the first warm-up step of a graph mode runs
     eagerly and the second captures.
     """
-    from lowrank_kit.runtime.graph import LatentDecodeGraph
-
     device = ids.device
     kw = _cache_kwarg(model)
     cache = new_decode_cache(model, mode, latent, ids.shape[1] + warmup + steps)
@@ -380,8 +379,6 @@ def _logits(
     """Logits of the prefill's last position and of ``steps`` greedy decode steps; ``graph``: the steps go
     through a :class:`~lowrank_kit.runtime.graph.LatentDecodeGraph` (on CUDA: one eager step, then the
     captured one, then replays)."""
-    from lowrank_kit.runtime.graph import LatentDecodeGraph
-
     kw = _cache_kwarg(model)
     cache = _new_cache(model, latent, ids.shape[1] + steps)
     out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **{kw: cache})
@@ -447,7 +444,6 @@ def _rank_stats(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
-    import transformers
 
     env = {
         "device": torch.cuda.get_device_name(device)
@@ -467,10 +463,6 @@ def _environment(device: torch.device) -> dict[str, Any]:
 def compress_for_run(model, settings: E2ESettings, reporter=None):
     """Compress ``model`` in place as a run does: ``settings.method`` at ρ1 = ``settings.ratio`` on
     q/k/v (its rank allocation, wsvd's fine-tuning as set), calibrated on random-token samples."""
-    from lowrank_kit.pipeline import compress
-    from lowrank_kit.progress import NULL_REPORTER
-    from lowrank_kit.recipe import parse_recipe
-
     step: dict[str, Any] = {"type": "decompose", "method": settings.method, "ratio": settings.ratio}
     if settings.allocation:
         step["rank_allocation"] = settings.allocation
@@ -492,9 +484,6 @@ def run_e2e(
     Returns the results as a JSON-ready dict; ``rows`` holds one entry per shape with both sides and the
     speedup (None where the check failed).
     """
-    from lowrank_kit.models.loading import adapter_for_config
-    from lowrank_kit.runtime import enable_latent_decode
-
     settings.validate()
     shapes = shapes or [(settings.batch, settings.context)]
     device = torch.device(settings.device)
@@ -635,40 +624,22 @@ def _per_head_programs(model, device: torch.device, dtype: torch.dtype) -> dict[
     """Programs of the per-head kernel a decode step launches per row and split, summed over layers: with
     the runtime's packed head order and with heads in index order (the layout before packing), next to the
     lower bound of Σ widths / 128 columns. None where no layer runs the per-head kernel."""
-    from lowrank_kit.kernels.latent_attention.layout import HEADS_COLUMNS, HEADS_MAX
-    from lowrank_kit.runtime.attention import STATE_ATTR
-
     state = getattr(model, STATE_ATTR, None)
     if state is None:
         return None
     packed = index = bound = layers = 0
     for rt in state.layers:
         w = rt.factors.materialize(device, dtype).weights
-        heads = tuple(range(w.num_kv_heads))
-        if w.queries_per_kv != 1 or w.k_layout.head_group != heads or w.v_layout.head_group != heads:
+        if not uses_heads_kernel(w):
             continue
         kw, vw = w.k_layout.widths, w.v_layout.widths
-        order = w.k_layout.order
-        packed += len(_head_runs([kw[g] for g in order], [vw[g] for g in order], HEADS_COLUMNS, HEADS_MAX))
-        index += len(_head_runs(list(kw), list(vw), HEADS_COLUMNS, HEADS_MAX))
+        packed += len(head_blocks(*row_widths(w), HEADS_COLUMNS, HEADS_MAX))
+        index += len(head_blocks(kw, vw, HEADS_COLUMNS, HEADS_MAX))
         bound += -(-max(sum(kw), sum(vw)) // HEADS_COLUMNS)
         layers += 1
     if not layers:
         return None
     return {"layers": layers, "packed_order": packed, "index_order": index, "lower_bound": bound}
-
-
-def _head_runs(k: list[int], v: list[int], columns: int, max_heads: int) -> list[int]:
-    """Head counts of the per-head kernel's programs: adjacent heads while K and V fit ``columns``
-    (the same greedy rule as ``kernels/latent_attention/triton.head_blocks``, without importing Triton)."""
-    runs, n, kc, vc = [], 0, 0, 0
-    for a, b in zip(k, v):
-        if n and (kc + a > columns or vc + b > columns or n == max_heads):
-            runs.append(n)
-            n, kc, vc = 0, 0, 0
-        n, kc, vc = n + 1, kc + a, vc + b
-    runs.append(n)
-    return runs
 
 
 def _rate(side: dict[str, Any]) -> str:

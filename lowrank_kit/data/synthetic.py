@@ -42,6 +42,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from lowrank_kit.data.items import LETTERS, VQAItem
+from lowrank_kit.data.tsv import write_tsv
 from lowrank_kit.errors import CalibrationError, unknown_name
 
 # Changing anything below changes the items; bump this with it (it seeds every random stream).
@@ -342,7 +343,6 @@ def generate_items(split: str, n: int | None = None, seed: int = 0) -> list[VQAI
 
 def export_tsv(split: str, path: str | Path, n: int | None = None, seed: int = 0) -> Path:
     """Write ``generate_items(split, n, seed)`` as a VLMEvalKit TSV at ``path``."""
-    from lowrank_kit.data.tsv import write_tsv
 
     path = Path(path)
     if not path.parent.is_dir():

@@ -1,10 +1,13 @@
-"""From ``--model`` to a loaded model: aliases, local directories, hub ids and the testbed.
+"""The one way in: from ``--model`` or a checkpoint directory to a loaded model (then the runtime).
 
 ``--model`` accepts an alias (``lowrank models`` lists them), a local directory written by
 ``save_pretrained``, a hub id ``org/name`` (from the local Hugging Face cache, or downloaded when the
 hub is reachable), or ``testbed`` / ``testbed-tiny`` (built locally on first use). The family is then
 recognised from the config's ``model_type`` / ``architectures`` through the registered adapters; an
-unknown architecture is an error listing what is supported, never a guess.
+unknown architecture is an error listing what is supported, never a guess. A lowrank_kit output
+directory (:mod:`lowrank_kit.checkpoint` is its format) loads through :func:`load`, which verifies it,
+rebuilds its compressed structure through transformers' ``from_pretrained`` and, when asked, switches on
+latent decoding (:mod:`lowrank_kit.runtime`).
 """
 
 from __future__ import annotations
@@ -17,23 +20,35 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import transformers
 from safetensors import SafetensorError
 from torch import nn
+from transformers import AutoConfig, AutoProcessor, AutoTokenizer, ProcessorMixin
+from transformers.utils import cached_file
 
-from lowrank_kit.errors import ModelLoadError, UnknownNameError
+from lowrank_kit.checkpoint import (
+    damaged_safetensors,
+    is_compressed_checkpoint,
+    read_lowrank_config,
+    verify_manifest,
+)
+from lowrank_kit.errors import CheckpointError, LowRankError, ModelLoadError, UnknownNameError
+from lowrank_kit.hf_integration import manifest_already_verified
 from lowrank_kit.models.base import ModelAdapter
-from lowrank_kit.models.families import MOLMO_REMOTE_REASON
+from lowrank_kit.models.classes import model_class_for
+from lowrank_kit.models.packaged import PACKAGED, ensure_packaged, packaged_alias_of
 from lowrank_kit.models.presets import PRESETS, build_random_model, preset_config
 from lowrank_kit.progress import NULL_REPORTER, Reporter
+from lowrank_kit.registry import adapter_for_config, get_adapter
+from lowrank_kit.runtime import enable_latent_decode
+from lowrank_kit.testbed import ensure_testbed, is_testbed_dir
 
 log = logging.getLogger(__name__)
 
 TESTBEDS = {"testbed": "small", "testbed-tiny": "tiny"}
-# Families that are recognised (so the error can say why) but refused.
-REFUSED = {"molmo": MOLMO_REMOTE_REASON}
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*")
 
-SpecKind = Literal["alias", "local", "hub", "testbed"]
+SpecKind = Literal["alias", "local", "hub", "testbed", "packaged"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +63,7 @@ class ModelSpec:
 
     @property
     def local_path(self) -> Path | None:
-        return Path(self.source) if self.kind in ("local", "testbed") else None
+        return Path(self.source) if self.kind in ("local", "testbed", "packaged") else None
 
 
 @dataclass
@@ -78,9 +93,12 @@ def resolve_model(spec: str) -> ModelSpec:
     if not isinstance(spec, str) or not spec:
         raise ModelLoadError(f"model must be a non-empty name, got {spec!r}")
     if spec in TESTBEDS:
-        from lowrank_kit.testbed import ensure_testbed
-
         return ModelSpec(spec, "testbed", str(Path(ensure_testbed(TESTBEDS[spec]))))
+    if spec in PACKAGED:
+        # A real pretrained model shipped inside a PyPI wheel, converted once into the lowrank_kit cache.
+        return ModelSpec(
+            spec, "packaged", str(ensure_packaged(spec)), alias=spec, family=PACKAGED[spec].family
+        )
     if spec in PRESETS:
         preset = PRESETS[spec]
         return ModelSpec(spec, "alias", preset.hub_id, alias=spec, family=preset.family)
@@ -97,68 +115,10 @@ def resolve_model(spec: str) -> ModelSpec:
         raise ModelLoadError(f"model path {spec!r} does not exist")
     if _HUB_ID.fullmatch(spec):
         return ModelSpec(spec, "hub", spec)
-    names = ", ".join([*PRESETS, *TESTBEDS])
+    names = ", ".join([*PRESETS, *PACKAGED, *TESTBEDS])
     raise UnknownNameError(
         f"unknown model {spec!r}: not an alias, an existing directory or a hub id (org/name); aliases: {names}"
     )
-
-
-# -- recognising the family ----------------------------------------------------------------------------
-def _identity(config: Any) -> tuple[str | None, tuple[str, ...]]:
-    if isinstance(config, dict):
-        return config.get("model_type"), tuple(config.get("architectures") or ())
-    return getattr(config, "model_type", None), tuple(getattr(config, "architectures", None) or ())
-
-
-def supported_architectures() -> str:
-    from lowrank_kit.registry import adapters
-
-    return "; ".join(
-        f"{a.name} ({a.model_class}, model_type {'/'.join(a.model_types)})"
-        for a in adapters()
-        if a.name not in REFUSED
-    )
-
-
-def adapter_for_config(config: Any) -> ModelAdapter:
-    """The registered adapter whose model_type (or architecture) ``config`` has.
-
-    ``config`` is a transformers config or a ``config.json`` dict. An architecture no adapter claims is
-    an error that lists the supported ones.
-    """
-    from lowrank_kit.registry import adapters
-
-    model_type, archs = _identity(config)
-    candidates = adapters()
-    by_type = [a for a in candidates if model_type in a.model_types]
-    found = by_type or [a for a in candidates if a.model_class in archs]
-    if not found:
-        what = f"model_type {model_type!r}" + (f", architectures {list(archs)}" if archs else "")
-        raise ModelLoadError(f"unsupported architecture ({what}); supported: {supported_architectures()}")
-    if len(found) > 1:
-        names = ", ".join(a.name for a in found)
-        raise ModelLoadError(
-            f"model_type {model_type!r} is claimed by several adapters ({names}); uninstall one"
-        )
-    adapter = found[0]
-    if adapter.name in REFUSED:
-        raise ModelLoadError(REFUSED[adapter.name])
-    return adapter
-
-
-def model_class_for(config: Any) -> type:
-    """The transformers ``...ForConditionalGeneration`` class that builds ``config``."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-
-    model_type, archs = _identity(config)
-    name = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.get(model_type)
-    if name is None or not hasattr(transformers, name):
-        wanted = name or (archs[0] if archs else f"a model for model_type {model_type!r}")
-        raise ModelLoadError(
-            f"{wanted} is not in transformers {transformers.__version__}; upgrade transformers to load it"
-        )
-    return getattr(transformers, name)
 
 
 # -- loading ---------------------------------------------------------------------------------------------
@@ -178,8 +138,6 @@ def _config_dict(ms: ModelSpec) -> tuple[dict[str, Any], Path]:
             return json.loads(file.read_text()), ms.local_path
         except json.JSONDecodeError as err:
             raise ModelLoadError(f"{str(file)!r} is not valid JSON ({err})") from None
-    from transformers.utils import cached_file
-
     try:
         file = cached_file(ms.source, "config.json")
     except OSError as err:
@@ -194,17 +152,16 @@ def _default_dtype(config: Any) -> torch.dtype:
     return declared if isinstance(declared, torch.dtype) else torch.float32
 
 
-def load_processor(source: str | Path, *, trust_remote_code: bool = False):
-    """The processor (tokenizer + image processor + chat template) saved at ``source``."""
-    from transformers import AutoProcessor, ProcessorMixin
-
+def load_processor(source: str | Path, *, trust_remote_code: bool = False, text_only: bool = False):
+    """The processor (tokenizer + image processor + chat template) saved at ``source``; for a text-only
+    model (``text_only``), its tokenizer."""
+    auto = AutoTokenizer if text_only else AutoProcessor
+    what = "tokenizer" if text_only else "processor"
     try:
-        processor = AutoProcessor.from_pretrained(str(source), trust_remote_code=trust_remote_code)
+        processor = auto.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ModelLoadError(
-            f"no processor could be loaded from {str(source)!r} ({_first_line(err)})"
-        ) from None
-    if not isinstance(processor, ProcessorMixin):
+        raise ModelLoadError(f"no {what} could be loaded from {str(source)!r} ({_first_line(err)})") from None
+    if not text_only and not isinstance(processor, ProcessorMixin):
         raise ModelLoadError(
             f"{str(source)!r} holds a {type(processor).__name__}, not a multimodal processor "
             "(tokenizer + image processor)"
@@ -229,12 +186,9 @@ def load_model(
     eval mode on ``device``.
     """
     ms = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
-    if ms.local_path is not None:
-        from lowrank_kit.checkpoint import is_compressed_checkpoint, load
-
-        if is_compressed_checkpoint(ms.local_path):
-            # A lowrank_kit output directory: rebuild its low-rank structure, then load its weights.
-            return load(ms.local_path, device=device, dtype=dtype)
+    if ms.local_path is not None and is_compressed_checkpoint(ms.local_path):
+        # A lowrank_kit output directory: rebuild its low-rank structure, then load its weights.
+        return load(ms.local_path, device=device, dtype=dtype)
     with reporter.stage(f"load {ms.spec}", total=3) as stage:
         if random_weights and ms.kind == "alias":
             config = preset_config(ms.alias)
@@ -277,8 +231,6 @@ def load_model(
                     ) from None
                 raise ModelLoadError(_offline_message(ms.source, err)) from None
             except SafetensorError as err:
-                from lowrank_kit.checkpoint import damaged_safetensors
-
                 file, reason = damaged_safetensors(directory) or (directory, str(err))
                 raise ModelLoadError(
                     f"weights file {str(file)!r} is corrupt or truncated ({reason}); download or save the "
@@ -288,7 +240,9 @@ def load_model(
         stage.advance()
 
         try:
-            processor = load_processor(directory, trust_remote_code=trust_remote_code)
+            processor = load_processor(
+                directory, trust_remote_code=trust_remote_code, text_only=adapter.text_only
+            )
         except ModelLoadError as err:
             # A model without a processor still runs on prepared inputs; whatever needs one says so.
             log.warning("%s: loaded without a processor: %s", ms.spec, err)
@@ -300,8 +254,6 @@ def load_model(
 
 
 def _load_config(ms: ModelSpec, trust_remote_code: bool):
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(ms.source, trust_remote_code=trust_remote_code)
     except OSError as err:
@@ -310,10 +262,44 @@ def _load_config(ms: ModelSpec, trust_remote_code: bool):
         raise ModelLoadError(f"cannot read the config of {ms.spec!r} ({_first_line(err)})") from None
 
 
-def list_models() -> list[dict[str, Any]]:
-    """One row per alias and testbed: name, family, hub_id, params, description."""
-    from lowrank_kit.registry import get_adapter
+def calibration_context(spec: str) -> dict[str, Any] | None:
+    """What ``source: auto`` calibration depends on for ``--model`` (``testbed``, ``text_only``, ``corpus``:
+    the keywords of :func:`~lowrank_kit.data.sources.resolve_calibration`), read without building,
+    downloading or loading anything; None where that cannot be known offline (a hub id whose config is not
+    in the local cache)."""
+    if spec in TESTBEDS:
+        return {"testbed": True, "text_only": False, "corpus": None}
+    if spec in PACKAGED:
+        packaged = PACKAGED[spec]
+        text_only = get_adapter(packaged.family).text_only
+        return {"testbed": False, "text_only": text_only, "corpus": packaged.calibration}
+    if spec in PRESETS:
+        return {"testbed": False, "text_only": get_adapter(PRESETS[spec].family).text_only, "corpus": None}
+    path = Path(spec).expanduser()
+    if (path / "config.json").is_file():
+        return model_calibration_context(json.loads((path / "config.json").read_text()), path)
+    if _HUB_ID.fullmatch(spec):
+        try:
+            file = cached_file(spec, "config.json", local_files_only=True)
+        except OSError:
+            return None
+        if file:
+            return model_calibration_context(json.loads(Path(file).read_text()), "")
+    return None
 
+
+def model_calibration_context(config: Any, directory: str | Path) -> dict[str, Any]:
+    """:func:`calibration_context` of a model (its config) loaded from ``directory``."""
+    alias = packaged_alias_of(directory)
+    return {
+        "testbed": is_testbed_dir(directory),
+        "text_only": adapter_for_config(config).text_only,
+        "corpus": PACKAGED[alias].calibration if alias else None,
+    }
+
+
+def list_models() -> list[dict[str, Any]]:
+    """One row per alias, packaged model and testbed: name, family, hub_id, params, description."""
     rows = []
     for preset in PRESETS.values():
         adapter = get_adapter(preset.family)
@@ -324,6 +310,16 @@ def list_models() -> list[dict[str, Any]]:
                 "hub_id": preset.hub_id,
                 "params": preset.params,
                 "description": adapter.display_name,
+            }
+        )
+    for packaged in PACKAGED.values():
+        rows.append(
+            {
+                "name": packaged.alias,
+                "family": packaged.family,
+                "hub_id": packaged.original,
+                "params": packaged.params,
+                "description": f"{packaged.description}; from the PyPI wheel {packaged.requirement}",
             }
         )
     for name, size in TESTBEDS.items():
@@ -337,3 +333,59 @@ def list_models() -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def load(
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    latent_decode: bool = False,
+    cuda_graph: bool = False,
+):
+    """Load a compressed checkpoint; returns a :class:`LoadedModel`.
+
+    Every file's checksum is verified first; the model is then built by transformers' ``from_pretrained``
+    (through :mod:`lowrank_kit.hf_integration`), and any weight it did not find is an error.
+    ``latent_decode=True`` also runs :func:`lowrank_kit.runtime.enable_latent_decode` on it, so that
+    ``generate`` caches latents (the checkpoint's K and V must be low-rank); ``cuda_graph=True`` (with
+    it) makes ``generate``'s decode steps replay a CUDA graph (:mod:`lowrank_kit.runtime.graph`).
+    """
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint {str(p)!r} is a file; pass the directory that holds config.json")
+    if cuda_graph and not latent_decode:
+        raise CheckpointError("cuda_graph=True replays latent decode steps; pass latent_decode=True with it")
+    read_lowrank_config(p)
+    verify_manifest(p)
+    config = transformers.AutoConfig.from_pretrained(p, trust_remote_code=trust_remote_code)
+    adapter = adapter_for_config(config)
+    cls = getattr(transformers, adapter.model_class, None)
+    if cls is None:
+        raise CheckpointError(
+            f"{str(p)!r} needs transformers.{adapter.model_class}, which transformers "
+            f"{transformers.__version__} lacks; upgrade transformers"
+        )
+    with manifest_already_verified(p):
+        model, info = cls.from_pretrained(
+            p,
+            config=config,
+            dtype=dtype or "auto",
+            output_loading_info=True,
+            trust_remote_code=trust_remote_code,
+        )
+    problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(problems.values()):
+        found = "; ".join(f"{k.replace('_', ' ')} {v[:3]}" for k, v in problems.items() if v)
+        raise CheckpointError(f"checkpoint {str(p)!r} does not match its model class: {found}")
+    model.to(device).eval()
+    if latent_decode:
+        enable_latent_decode(model, adapter=adapter, cuda_graph=cuda_graph)
+    try:
+        processor = load_processor(p, trust_remote_code=trust_remote_code, text_only=adapter.text_only)
+    except LowRankError:
+        processor = None
+    return LoadedModel(model=model, processor=processor, adapter=adapter, config=config, spec=str(p), path=p)

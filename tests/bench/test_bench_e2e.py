@@ -1,4 +1,4 @@
-"""The end-to-end decode benchmark (lowrank_kit.runtime.bench, benchmarks/decode_e2e.py) on a shrunk
+"""The end-to-end decode benchmark (lowrank_kit.bench.e2e, benchmarks/decode_e2e.py) on a shrunk
 architecture on the CPU: what it measures, that a broken latent path reports no speedup, its errors."""
 
 import io
@@ -10,9 +10,9 @@ from rich.console import Console
 from script_helpers import load_benchmark_script
 
 import lowrank_kit.runtime.attention as attention
+from lowrank_kit.bench.e2e import E2ESettings, run_e2e, shrunk_config, summary_line
 from lowrank_kit.cli.bench_speed import _e2e_table
 from lowrank_kit.errors import LowRankError
-from lowrank_kit.runtime.bench import E2ESettings, run_e2e, shrunk_config, summary_line
 
 # Two layers of the LLaVA-NeXT-7B text model at 1/16 of its width (2 heads of 128), a short run.
 SMALL = dict(
@@ -154,16 +154,3 @@ def test_profile_decode_step_script_on_a_tiny_model(tmp_path, graph):
     assert res["settings"] == {"arch": "llava-next-7b", "batch": 2, "context": 256, "dtype": "float32"}
     assert res["baseline"]["mode"] == "eager"
     assert res["latent"]["mode"] == ("graph" if graph else "eager")
-
-
-def test_head_runs_follow_the_kernels_packing_rule():
-    """The benchmark's program count uses the kernel's greedy rule (checked against head_blocks)."""
-    from lowrank_kit.kernels.latent_attention.triton import head_blocks
-    from lowrank_kit.runtime.bench import _head_runs
-
-    for k, v in [
-        ((64,) * 6, (64,) * 6),
-        ((24, 48, 8, 136, 64, 64), (8, 8, 120, 8, 8, 72)),
-        ((8,) * 20, (8,) * 20),
-    ]:
-        assert _head_runs(list(k), list(v), 128, 16) == [n for _, n in head_blocks(k, v, 128, 16)]

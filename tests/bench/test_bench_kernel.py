@@ -1,9 +1,15 @@
-"""The decode-attention benchmark's shapes: read from the presets, and equal to its built-in table."""
+"""The decode-attention benchmark (lowrank_kit.bench.kernel, benchmarks/attention_decode.py): its shapes
+read from the presets and equal to its built-in table, its settings, the script's command line and plot."""
+
+import json
+import sys
 
 import pytest
+import torch
+from script_helpers import load_benchmark_script
 
-from lowrank_kit.errors import UnknownNameError
-from lowrank_kit.kernels.latent_attention.bench import MODELS, attention_shape
+from lowrank_kit.bench.kernel import MODELS, KernelSettings, attention_shape, grid_shapes, run
+from lowrank_kit.errors import LowRankError, UnknownNameError
 
 
 @pytest.mark.parametrize("alias", sorted(MODELS))
@@ -24,28 +30,50 @@ def test_unknown_alias():
 
 
 def test_run_command_passes_the_chosen_models_and_grid(monkeypatch):
-    import sys
-
-    import torch
-
-    import lowrank_kit.kernels.latent_attention.bench as bench
-
+    script = load_benchmark_script("attention_decode")
     seen = {}
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(
-        bench, "run", lambda args, models, rhos, say: seen.update(args=args, models=models, rhos=rhos)
+        script,
+        "run",
+        lambda settings, models, rhos, say: seen.update(settings=settings, models=models, rhos=rhos),
     )
     argv = ["attention_decode.py", "run", "--out", "x.json", "--grid", "full", "--models", "qwen2-vl-7b"]
     monkeypatch.setattr(sys, "argv", [*argv, "--rhos", "0.5", "0.7"])
-    bench.main()
+    script.main()
     assert seen["models"] == {"qwen2-vl-7b": MODELS["qwen2-vl-7b"]} and seen["rhos"] == (0.5, 0.7)
-    assert seen["args"].grid == "full" and seen["args"].batches == [1, 4, 16, 64]
+    assert seen["settings"].grid == "full" and seen["settings"].batches == [1, 4, 16, 64]
     monkeypatch.setattr(sys, "argv", [*argv[:3], "x.json"])
-    bench.main()
+    script.main()
     assert list(seen["models"]) == list(MODELS)  # every shape by default
     monkeypatch.setattr(sys, "argv", [*argv[:5], "--models", "llava"])
     with pytest.raises(SystemExit):  # argparse: invalid choice, listing the valid ones
-        bench.main()
+        script.main()
+
+
+def test_grid_shapes():
+    s = KernelSettings(out="x.json", batches=[1, 16, 64], lengths=[1024, 8192])
+    # cross: every length at the target batch (16), every other batch at the target length (8192).
+    assert grid_shapes(s) == [(16, 1024), (16, 8192), (1, 8192), (64, 8192)]
+    s.grid = "full"
+    assert grid_shapes(s) == [(b, n) for b in (1, 16, 64) for n in (1024, 8192)]
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"grid": "diagonal"}, r"unknown grid 'diagonal'; available: cross, full"),
+        ({"batches": [16, 0]}, r"batches must be one or more positive integers, got \[16, 0\]"),
+        ({"lengths": []}, r"lengths must be one or more positive integers, got \[\]"),
+        ({"sweep_classes": ["fp16", "fp8"]}, r"unknown sweep class 'fp8'; available: fp16, int8, .*grouped$"),
+    ],
+)
+def test_bad_settings(settings, match, tmp_path):
+    with pytest.raises(LowRankError, match=match):
+        KernelSettings(out="x.json", **settings).validate()
+    with pytest.raises(LowRankError, match=match):  # run() checks them before any GPU work
+        run(KernelSettings(out=tmp_path / "x.json", **settings))
+    assert not (tmp_path / "x.json").exists()
 
 
 def _result(device, model, rows, skipped=()):
@@ -73,11 +101,7 @@ def _result(device, model, rows, skipped=()):
 
 
 def test_plot_merges_per_model_files_into_one_table_and_figure(tmp_path, monkeypatch):
-    import json
-    import sys
-
-    import lowrank_kit.kernels.latent_attention.bench as bench
-
+    script = load_benchmark_script("attention_decode")
     a = tmp_path / "llava.json"
     b = tmp_path / "qwen.json"
     a.write_text(
@@ -96,7 +120,7 @@ def test_plot_merges_per_model_files_into_one_table_and_figure(tmp_path, monkeyp
     docs = tmp_path / "docs"
     docs.mkdir()
     monkeypatch.setattr(sys, "argv", ["attention_decode.py", "plot", str(a), str(b), str(docs)])
-    bench.main()
+    script.main()
     table = (docs / "kernel_table.md").read_text()
     assert (docs / "kernel_latency.png").stat().st_size > 0
     assert "**llava-next-7b, ρ2 = 0.5, uniform ranks, fp16 latents**" in table
@@ -108,17 +132,17 @@ def test_plot_merges_per_model_files_into_one_table_and_figure(tmp_path, monkeyp
 
     b.write_text(json.dumps(_result("H200", "qwen2-vl-7b", [(16, 1024, 18.0, 20.0)])))
     with pytest.raises(SystemExit, match="different devices"):
-        bench.main()
+        script.main()
 
     monkeypatch.setattr(
         sys, "argv", ["attention_decode.py", "plot", str(tmp_path / "missing.json"), str(docs)]
     )
     with pytest.raises(SystemExit, match="missing.json: no such file"):
-        bench.main()
+        script.main()
     b.write_text("{not json")
     monkeypatch.setattr(sys, "argv", ["attention_decode.py", "plot", str(b), str(docs)])
     with pytest.raises(SystemExit, match="qwen.json: not a JSON file"):
-        bench.main()
+        script.main()
     b.write_text(json.dumps({"rows": []}))
     with pytest.raises(SystemExit, match="no 'rows' and 'device'"):
-        bench.main()
+        script.main()
