@@ -142,6 +142,17 @@ def llama_attention_info(config: Any) -> AttentionInfo:
     return attention_geometry(config, qkv_bias=llama_bias)
 
 
+def decoder_paths(root: str) -> dict[str, str]:
+    """The module paths of a Llama-lineage decoder under ``root`` (``model.language_model`` in a VLM,
+    ``model`` in a ``...ForCausalLM``): its layers, embeddings and final norm, as adapter fields."""
+    return {
+        "layers": f"{root}.layers",
+        "language_model": root,
+        "embed_tokens": f"{root}.embed_tokens",
+        "final_norm": f"{root}.norm",
+    }
+
+
 # -- prompts -------------------------------------------------------------------------------------------
 ROLES = ("system", "user", "assistant")
 

@@ -17,21 +17,18 @@ from lowrank_kit.models.families.common import (
     TINY_VIDEO_TOKEN,
     TINY_VISION_END,
     TINY_VISION_START,
-    attention_geometry,
     chat_template_inputs,
+    decoder_paths,
     random_pixels,
     tiny_text,
     wrap_image_block,
 )
-
-
-def _qwen2_bias(text: Any) -> tuple[bool, bool, bool]:
-    # Qwen2's attention builds q/k/v with bias=True and o without, whatever the config says.
-    return True, True, True
+from lowrank_kit.models.families.qwen2 import qwen2_attention_info
 
 
 def qwen2_vl_attention_info(config: Any) -> AttentionInfo:
-    return attention_geometry(config, qkv_bias=_qwen2_bias)
+    """The Qwen2 decoder's geometry (q/k/v bias); its RoPE carries the M-RoPE sections."""
+    return qwen2_attention_info(config)
 
 
 # -- tiny configs and inputs -----------------------------------------------------------------------------
@@ -121,12 +118,9 @@ qwen2_vl = ModelAdapter(
     display_name="Qwen2-VL",
     model_class="Qwen2VLForConditionalGeneration",
     model_types=("qwen2_vl",),
-    layers=f"{_TEXT}.layers",
-    language_model=_TEXT,
+    **decoder_paths(_TEXT),
     vision_tower="model.visual",
     projector="model.visual.merger",
-    embed_tokens=f"{_TEXT}.embed_tokens",
-    final_norm=f"{_TEXT}.norm",
     attention_info=qwen2_vl_attention_info,
     build_inputs=chat_template_inputs,
     tiny_config=tiny_qwen2_vl_config,
@@ -139,12 +133,9 @@ qwen2_5_vl = ModelAdapter(
     display_name="Qwen2.5-VL",
     model_class="Qwen2_5_VLForConditionalGeneration",
     model_types=("qwen2_5_vl",),
-    layers=f"{_TEXT}.layers",
-    language_model=_TEXT,
+    **decoder_paths(_TEXT),
     vision_tower="model.visual",
     projector="model.visual.merger",
-    embed_tokens=f"{_TEXT}.embed_tokens",
-    final_norm=f"{_TEXT}.norm",
     attention_info=qwen2_vl_attention_info,
     build_inputs=chat_template_inputs,
     tiny_config=tiny_qwen2_5_vl_config,

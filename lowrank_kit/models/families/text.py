@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from lowrank_kit.errors import ModelLoadError
-from lowrank_kit.models.families.common import ROLES, random_text_ids
+from lowrank_kit.models.families.common import ROLES, decoder_paths, random_text_ids
 
 TINY_PROMPT = 12
 
@@ -54,12 +54,5 @@ def tiny_text_inputs(config: Any, batch: int, gen: torch.Generator, dtype: torch
 
 
 def causal_lm_paths() -> dict[str, str]:
-    """The module paths every ``...ForCausalLM`` of the Llama lineage shares."""
-    return {
-        "layers": "model.layers",
-        "language_model": "model",
-        "embed_tokens": "model.embed_tokens",
-        "final_norm": "model.norm",
-        "vision_tower": "",
-        "projector": "",
-    }
+    """The module paths every ``...ForCausalLM`` of the Llama lineage shares (no vision side)."""
+    return {**decoder_paths("model"), "vision_tower": "", "projector": ""}
