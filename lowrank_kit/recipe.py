@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from lowrank_kit.errors import LowRankError, RecipeError
 from lowrank_kit.models.base import TARGETS
+from lowrank_kit.quant.schemes import resolve_scheme
+from lowrank_kit.registry import get_decomposer, get_quantizer
 
 RECIPE_VERSION = 1
 Target = Literal["q_proj", "k_proj", "v_proj"]
@@ -408,7 +410,6 @@ def _validate_params(config_class: type[BaseModel], params: dict[str, Any], wher
 
 def resolve_recipe(recipe: Recipe) -> Recipe:
     """Check names against the registry and fill every method's parameters with its defaults."""
-    from lowrank_kit.registry import get_decomposer, get_quantizer
 
     data = recipe.to_dict()
     for i, step in enumerate(recipe.steps):
@@ -424,8 +425,6 @@ def resolve_recipe(recipe: Recipe) -> Recipe:
             data["steps"][i]["rank_allocation"] = allocation
             data["steps"][i]["params"] = _validate_params(cls.config_class, step.params, f"{where}.params")
         else:
-            from lowrank_kit.quant.schemes import resolve_scheme
-
             try:
                 scheme = resolve_scheme(step.scheme)
             except LowRankError as err:

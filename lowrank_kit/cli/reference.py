@@ -9,6 +9,8 @@ from typing import Any
 
 import typer
 
+from lowrank_kit.cli.main import app as lowrank_app
+
 # What `lowrank` exits with; `_Group` (cli/common.py) turns a lowrank_kit error into code 2.
 EXIT_CODES = (
     (0, "success"),
@@ -58,9 +60,7 @@ def _walk(cmd: Any, path: list[str], out: list[str]) -> None:
 
 
 def render(app: typer.Typer | None = None) -> str:
-    if app is None:
-        from lowrank_kit.cli.main import app
-    root = typer.main.get_command(app)
+    root = typer.main.get_command(lowrank_app if app is None else app)
     out = [
         "# CLI reference",
         "",

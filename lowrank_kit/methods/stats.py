@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowrank_kit.calib_cache import samples_digest
 from lowrank_kit.errors import CalibrationError
 from lowrank_kit.methods.base import DecomposeJob
 from lowrank_kit.methods.linalg import Spectrum
@@ -190,7 +191,6 @@ def collect_input_stats(
 
 def _through_cache(job: DecomposeJob, recorder: StageRecorder, stage: str, parts, samples, compute):
     """Statistics from ``job.cache`` (on ``job.device``), or computed by ``compute`` and stored there."""
-    from lowrank_kit.calib_cache import samples_digest
 
     parts = (*parts, f"samples={samples_digest(samples)[:16]}")
     if job.cache.has(parts):
