@@ -127,3 +127,40 @@ def test_a_compressed_output_directory_evaluates_against_its_original(workspace,
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert data["kl"] > 0 and data["n"] == 4
+
+
+# -- perplexity on text ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def text_models(tmp_path_factory):
+    """Two tiny random Llamas (different seeds) with a character-level tokenizer: text-only models."""
+    from lowrank_kit.models.tiny import _tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cli-eval-text")
+    for name, seed in (("model", 0), ("other", 1)):
+        save_tiny_checkpoint("llama", root / name, seed=seed)
+        _tiny_tokenizer().save_pretrained(root / name)
+    return root
+
+
+def test_text_corpus_prints_perplexity_and_kl(text_models):
+    args = ["eval", str(text_models / "model"), "--data", "text:pydoc", "--limit", "3", "--seq-len", "16"]
+    alone = json.loads(runner.invoke(app, [*args, "--json"]).stdout)
+    assert alone["windows"] == 3 and alone["tokens"] == 3 * 15 and alone["kl"] is None
+    assert alone["perplexity"] > 1.0
+    same = json.loads(runner.invoke(app, [*args, "--reference", str(text_models / "model"), "--json"]).stdout)
+    assert same["perplexity"] == pytest.approx(alone["perplexity"]) and same["kl"] == pytest.approx(
+        0.0, abs=1e-6
+    )
+    other = json.loads(
+        runner.invoke(app, [*args, "--reference", str(text_models / "other"), "--json"]).stdout
+    )
+    assert other["kl"] > 0.0
+    table = runner.invoke(app, args)
+    assert table.exit_code == 0 and "perplexity" in table.stdout and "3 windows of 16 tokens" in table.stdout
+
+
+def test_a_text_model_on_image_questions_is_one_line(text_models):
+    result = runner.invoke(app, ["eval", str(text_models / "model"), "--data", "testbed"])
+    assert result.exit_code == 2
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "text:pydoc" in lines[0]
