@@ -7,12 +7,17 @@ Everything lives under one root: ``$LOWRANK_KIT_CACHE`` when set, else ``$XDG_CA
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
+
+from lowrank_kit.errors import LowRankError
 
 CACHE_ENV = "LOWRANK_KIT_CACHE"
 
@@ -52,3 +57,17 @@ def built_record(path: Path, required: Sequence[str], record: str) -> dict[str, 
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         return f"{record} is unreadable ({err})"
     return info if isinstance(info, dict) else f"{record} is not a JSON object"
+
+
+@contextlib.contextmanager
+def build_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold the lock for building ``path`` in the cache (its parent is created first), so that two
+    processes never build it at once; the caller rechecks ``path`` inside, since another process may
+    have finished it while this one waited."""
+    root = path.parent
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LowRankError(f"cannot create the {what} cache directory {str(root)!r} ({err})") from None
+    with FileLock(str(root / f".{path.name}.lock")):
+        yield

@@ -35,13 +35,12 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 from packaging.version import Version
 
-from lowrank_kit.errors import LowRankError, ModelLoadError, unknown_name
-from lowrank_kit.paths import built_record, cache_subdir, sha256_file
+from lowrank_kit.errors import ModelLoadError, unknown_name
+from lowrank_kit.paths import build_lock, built_record, cache_subdir, sha256_file
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 
 log = logging.getLogger(__name__)
@@ -200,11 +199,7 @@ def ensure_packaged(alias: str, reporter: Reporter = NULL_REPORTER) -> Path:
             f"run `{INSTALL_HINT}`"
         )
     root = path.parent
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise LowRankError(f"cannot create the model cache directory {str(root)!r} ({err})") from None
-    with FileLock(str(root / f".{alias}.lock")):
+    with build_lock(path, "model"):
         problem = stale(path, spec)
         if problem is None:
             return path  # another process built it while this one waited for the lock

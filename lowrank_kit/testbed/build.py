@@ -25,13 +25,12 @@ from typing import Any
 
 import torch
 import transformers
-from filelock import FileLock
 
 from lowrank_kit.data.samples import make_sample
 from lowrank_kit.data.synthetic import CATEGORIES, IMAGE_SIZE, generate_items, make_item
-from lowrank_kit.errors import LowRankError, ModelLoadError, unknown_name
+from lowrank_kit.errors import ModelLoadError, unknown_name
 from lowrank_kit.models.families.llava import llava
-from lowrank_kit.paths import built_record, cache_subdir, sha256_file
+from lowrank_kit.paths import build_lock, built_record, cache_subdir, sha256_file
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 from lowrank_kit.testbed.model import PATCH_SIZE, SIZES, build_model
 from lowrank_kit.testbed.processor import build_processor
@@ -128,11 +127,7 @@ def ensure_testbed(
         return path
 
     root = path.parent
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise LowRankError(f"cannot create the testbed cache directory {str(root)!r} ({err})") from None
-    with FileLock(str(root / f".{size}.lock")):
+    with build_lock(path, "testbed"):
         problem = damage(path, size)
         if problem is None and not force:
             return path  # another process built it while this one waited for the lock
