@@ -2,9 +2,12 @@
 
 Layout:
 
-- ``config.json``: the original config plus
-  ``lowrank_config`` (format version, adapter, resolved recipe, per-layer/per-head ranks under
-  ``structure``, the quantization scheme and per-module quantized layout) and
+- ``config.json``: the original config with ``"model_type": "lowrank_kit"`` (so that transformers
+  without lowrank_kit refuses it instead of initialising the projections at random; see
+  :mod:`lowrank_kit.hf_config`) and a ``lowrank_kit_guard`` entry that stops the model's own class too,
+  plus ``lowrank_config`` (format version, the model's own
+  ``base_model_type``, adapter, resolved recipe, per-layer/per-head ranks under ``structure``, the
+  quantization scheme and per-module quantized layout) and
   ``quantization_config: {"quant_method": "lowrank", "format_version": N}``, through which
   ``from_pretrained`` finds :mod:`lowrank_kit.hf_integration`;
 - ``model.safetensors``: factors, quantized weights with their scales, and every other weight (a
@@ -12,6 +15,8 @@ Layout:
 - the processor/tokenizer files and ``generation_config.json``;
 - ``lowrank_report.json`` (what was done, ρ1/ρ2, sizes on disk), ``recipe.yaml``;
 - ``lowrank_manifest.json``: the sha256 of every other file, verified at load.
+
+Format versions: 1 kept the model's own ``model_type`` (still read); 2 writes ``lowrank_kit``.
 
 No pickle anywhere. Writes go to a hidden temporary directory beside the target and are renamed into
 place only when every file is written and synced; a failure leaves the target as it was.
@@ -36,6 +41,7 @@ from safetensors.torch import save_model
 from torch import nn
 
 from lowrank_kit.errors import CheckpointError
+from lowrank_kit.hf_config import BASE_TYPE_KEY, CONFIG_KEY, GUARD_KEY, MODEL_TYPE, guard_entry
 from lowrank_kit.modules import LOW_RANK_MODULES
 from lowrank_kit.paths import sha256_file
 from lowrank_kit.quant.modules import QUANT_MODULES
@@ -44,8 +50,7 @@ from lowrank_kit.quant.structure import quantized_structure as describe_quantize
 from lowrank_kit.registry import adapter_for_config
 from lowrank_kit.surgery import build_structure
 
-FORMAT_VERSION = 1
-CONFIG_KEY = "lowrank_config"
+FORMAT_VERSION = 2
 QUANT_METHOD = "lowrank"
 WEIGHTS = "model.safetensors"
 MANIFEST = "lowrank_manifest.json"
@@ -229,6 +234,7 @@ def save_compressed(result, output: str | Path, *, overwrite: bool = False, sour
         config = json.loads(config_path.read_text())
         config[CONFIG_KEY] = {
             "format_version": FORMAT_VERSION,
+            BASE_TYPE_KEY: config["model_type"],
             "adapter": result.adapter.name,
             "recipe": result.recipe.to_dict(),
             "structure": report["ranks"],
@@ -237,6 +243,8 @@ def save_compressed(result, output: str | Path, *, overwrite: bool = False, sour
             "source": None if source is None else str(source),
         }
         config["quantization_config"] = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION}
+        config[GUARD_KEY] = guard_entry(config["model_type"])
+        config["model_type"] = MODEL_TYPE
         _write_json(config_path, config)
         generation = getattr(model, "generation_config", None)
         if generation is not None:

@@ -45,7 +45,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
         "registry",
         ("lowrank_kit.registry", "lowrank_kit.builtin", "lowrank_kit.recipe", "lowrank_kit.models.tiny"),
     ),
-    ("checkpoint format", ("lowrank_kit.checkpoint", "lowrank_kit.hf_integration")),
+    ("checkpoint format", ("lowrank_kit.checkpoint", "lowrank_kit.hf_config", "lowrank_kit.hf_integration")),
     ("runtime", ("lowrank_kit.runtime",)),
     ("testbed", ("lowrank_kit.testbed",)),
     ("loading", ("lowrank_kit.loading",)),

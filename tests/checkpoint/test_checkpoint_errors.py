@@ -8,7 +8,7 @@ from ckpt_helpers import compressed
 from transformers import AutoModelForImageTextToText
 
 import lowrank_kit
-from lowrank_kit.checkpoint import save_compressed
+from lowrank_kit.checkpoint import FORMAT_VERSION, save_compressed
 from lowrank_kit.errors import CheckpointError
 
 
@@ -78,7 +78,34 @@ def test_a_newer_format_version_asks_for_an_upgrade(ckpt, load):
 
     rewrite_config(ckpt, newer)
     with pytest.raises(
-        CheckpointError, match="format version 99; this lowrank_kit reads up to version 1: upgrade"
+        CheckpointError,
+        match=f"format version 99; this lowrank_kit reads up to version {FORMAT_VERSION}: upgrade",
+    ):
+        load(ckpt)
+
+
+@pytest.mark.parametrize("load", both_loaders())
+def test_a_format_1_checkpoint_with_the_models_own_type_still_loads(ckpt, load):
+    base = []
+
+    def format_1(config):
+        base.append(config["lowrank_config"].pop("base_model_type"))
+        config["model_type"] = base[0]
+        del config["lowrank_kit_guard"]
+        config["lowrank_config"]["format_version"] = 1
+        config["quantization_config"]["format_version"] = 1
+
+    rewrite_config(ckpt, format_1)
+    model = load(ckpt)
+    model = getattr(model, "model", model)
+    assert model.config.model_type == base[0] != "lowrank_kit"
+
+
+@pytest.mark.parametrize("load", both_loaders())
+def test_a_lowrank_kit_type_without_its_base_type_is_named(ckpt, load):
+    rewrite_config(ckpt, lambda config: config["lowrank_config"].pop("base_model_type"))
+    with pytest.raises(
+        CheckpointError, match="model_type 'lowrank_kit' but no lowrank_config.base_model_type"
     ):
         load(ckpt)
 
@@ -199,7 +226,10 @@ def test_the_quantizer_refuses_to_compress_at_load_time(tmp_path):
 
 def test_a_missing_lowrank_block(ckpt):
     rewrite_config(ckpt, lambda c: c.pop("lowrank_config"))
-    with pytest.raises(CheckpointError, match="declares quant_method 'lowrank' but its config.json has no"):
+    with pytest.raises(
+        CheckpointError,
+        match="has model_type 'lowrank_kit' but its config.json has no 'lowrank_config' block",
+    ):
         AutoModelForImageTextToText.from_pretrained(ckpt)
 
 

@@ -8,7 +8,7 @@ from ckpt_helpers import DECOMPOSERS, FAMILIES, compressed, greedy, hf_auto_clas
 from transformers import AutoModelForImageTextToText
 
 import lowrank_kit
-from lowrank_kit.checkpoint import save_compressed
+from lowrank_kit.checkpoint import FORMAT_VERSION, save_compressed
 from lowrank_kit.models.tiny import tiny_inputs
 from lowrank_kit.surgery import describe_structure
 
@@ -52,11 +52,12 @@ def test_checkpoint_layout(tmp_path):
     out = save_compressed(result, tmp_path / "ckpt")
     config = json.loads((out / "config.json").read_text())
     block = config["lowrank_config"]
-    assert block["format_version"] == 1
+    assert block["format_version"] == FORMAT_VERSION
     assert block["recipe"] == result.recipe.to_dict()
     assert block["structure"] == result.report["ranks"]
     assert len(block["structure"]["0"]["k_proj"]["ranks"]) == 2  # per KV head
-    assert config["quantization_config"] == {"quant_method": "lowrank", "format_version": 1}
+    assert config["quantization_config"] == {"quant_method": "lowrank", "format_version": FORMAT_VERSION}
+    assert config["model_type"] == "lowrank_kit" and block["base_model_type"] == "llava"
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "lowrank_manifest.json", "lowrank_report.json", "recipe.yaml"} <= names
     assert {"tokenizer.json", "processor_config.json"} & names, names

@@ -10,7 +10,7 @@ import pytest
 from ckpt_helpers import compressed, fails
 
 from lowrank_kit import checkpoint as checkpoint_format
-from lowrank_kit.checkpoint import save_compressed
+from lowrank_kit.checkpoint import FORMAT_VERSION, save_compressed
 from lowrank_kit.models.tiny import save_tiny_checkpoint
 
 
@@ -73,7 +73,10 @@ def test_a_checkpoint_from_a_newer_format(checkpoint, tmp_path):
     config["lowrank_config"]["format_version"] = 7
     (ckpt / "config.json").write_text(json.dumps(config))
     line = fails(*svd(ckpt, tmp_path / "o"))
-    assert "format version 7; this lowrank_kit reads up to version 1: upgrade lowrank_kit" in line
+    assert (
+        f"format version 7; this lowrank_kit reads up to version {FORMAT_VERSION}: upgrade lowrank_kit"
+        in line
+    )
 
 
 @pytest.mark.parametrize("ratio", ["0", "-0.5", "1.5"])
