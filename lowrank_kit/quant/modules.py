@@ -14,8 +14,9 @@ Hadamard transforms.
 
 Activation quantization is described by :class:`ActQuant`: per token (one scale over the last dim,
 times a clip ratio) or per (token, group) for latents (the groups of a latent-cache row).
-The float forms the forward reads (unpacked integers in the compute dtype) are kept in a plain
-attribute, rebuilt whenever the stored integers change or move.
+No float copy of any integer weight is kept: the forward computes from the stored integers through
+:mod:`lowrank_kit.kernels.int_linear` (on CUDA a Triton kernel that dequantizes in registers, or an
+int8×int8 GEMM for W8A8 prefill; on the CPU an unpack into a temporary that the call frees).
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lowrank_kit.kernels.int_linear import choose_backend, int8_linear, int_linear
 from lowrank_kit.modules import PerHeadLowRankLinear
 from lowrank_kit.quant.hadamard_matrices import Factor, kron_apply
 from lowrank_kit.quant.primitives import (
@@ -34,6 +35,7 @@ from lowrank_kit.quant.primitives import (
     fake_quant_tokens,
     pack,
     qmax,
+    quantize_tokens,
     stored_columns,
     unpack,
 )
@@ -73,21 +75,6 @@ class ActQuant:
             return None
         groups = d.get("groups")
         return cls(int(d["bits"]), float(d.get("clip", 1.0)), None if groups is None else tuple(groups))
-
-
-class _IntCache:
-    """The integers of a stored weight unpacked to a float dtype, rebuilt when the buffer changes."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.value: torch.Tensor | None = None
-
-    def get(self, stored: torch.Tensor, bits: int, n: int, dtype: torch.dtype) -> torch.Tensor:
-        key = (stored.data_ptr(), stored._version, stored.device, dtype)
-        if self.key != key or self.value is None:
-            self.value = unpack(stored, bits, n).to(dtype)
-            self.key = key
-        return self.value
 
 
 def _check_weight_bits(bits: int) -> None:
@@ -139,7 +126,6 @@ class QuantLinear(_FollowsDtype, nn.Module):
         self.register_buffer("qweight", torch.zeros(out_features, cols, dtype=stored, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self._ints = _IntCache()
 
     @classmethod
     def from_linear(
@@ -173,19 +159,29 @@ class QuantLinear(_FollowsDtype, nn.Module):
         return mod
 
     def int_weight(self) -> torch.Tensor:
-        """The integers [out, in] as the compute dtype (exact: |q| ≤ 127)."""
-        return self._ints.get(self.qweight, self.weight_bits, self.in_features, self.compute_dtype)
+        """The integers [out, in] as the compute dtype (exact: |q| ≤ 127); a new tensor on every call."""
+        return unpack(self.qweight, self.weight_bits, self.in_features).to(self.compute_dtype)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight ``q · scale`` [out, in] (inspection and folding; the forward never builds it)."""
         return (self.int_weight().float() * self.weight_scale[:, None]).to(self.compute_dtype)
 
+    def _int8_activations(self) -> bool:
+        iq = self.input_quant
+        return iq is not None and iq.groups is None and iq.bits == 8
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.input_quant is not None:
-            x = self.input_quant(x)
-        y = F.linear(x, self.int_weight())
-        y = (y.float() * self.weight_scale).to(x.dtype)
+        backend = choose_backend(
+            x, self.weight_bits, self.out_features, int8_activations=self._int8_activations()
+        )
+        if backend == "int_mm":
+            xq, x_scale = quantize_tokens(x, 8, self.input_quant.clip)
+            y = int8_linear(xq, x_scale, self.qweight, self.weight_scale, x.dtype)
+        else:
+            if self.input_quant is not None:
+                x = self.input_quant(x)
+            y = int_linear(x, self.qweight, self.weight_scale, self.weight_bits, self.in_features, backend)
         if self.bias is not None:
             y = y + self.bias
         if self.output_quant is not None:
@@ -262,7 +258,6 @@ class QuantPerHeadLowRankLinear(_FollowsDtype, PerHeadLowRankLinear):
             "up_scale", torch.ones(self.num_heads, head_dim, dtype=torch.float32, device=device)
         )
         self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=dtype, device=device)) if bias else None
-        self._ints = _IntCache()
         # On the CPU explicitly: from_pretrained builds modules under a meta-device default.
         self._head_of_column = torch.repeat_interleave(
             torch.arange(self.num_heads, device="cpu"), torch.tensor(self.ranks, device="cpu")
@@ -300,7 +295,8 @@ class QuantPerHeadLowRankLinear(_FollowsDtype, PerHeadLowRankLinear):
         return new
 
     def int_up(self) -> torch.Tensor:
-        return self._ints.get(self.up_qweight, self.up_bits, sum(self.ranks), self.compute_dtype)
+        """The integers of ``up_weight`` [d, Σr] in the compute dtype; a new tensor on every call."""
+        return unpack(self.up_qweight, self.up_bits, sum(self.ranks)).to(self.compute_dtype)
 
     @property
     def up_weight(self) -> torch.Tensor:  # type: ignore[override]

@@ -85,12 +85,19 @@ def quantize_weight(
 
 
 # -- activations and latents -------------------------------------------------------------------------
-def fake_quant_tokens(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
-    """Quantize → dequantize per token (the last dim), symmetric, ``s = clip · max|x| / qmax``."""
+def quantize_tokens(x: torch.Tensor, bits: int, clip: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token (the last dim), symmetric: integers (int8) and scales ``s = clip · max|x| / qmax``
+    (fp32 [..., 1])."""
     m = qmax(bits)
     xf = x.float()
     scale = _safe(xf.abs().amax(-1, keepdim=True) * clip / m)
-    return (torch.round(xf / scale).clamp_(-m, m) * scale).to(x.dtype)
+    return torch.round(xf / scale).clamp_(-m, m).to(torch.int8), scale
+
+
+def fake_quant_tokens(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """Quantize → dequantize per token (:func:`quantize_tokens`), back in ``x``'s dtype."""
+    q, scale = quantize_tokens(x, bits, clip)
+    return (q.float() * scale).to(x.dtype)
 
 
 def group_index(widths: tuple[int, ...], device: torch.device) -> torch.Tensor:

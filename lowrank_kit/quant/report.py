@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from lowrank_kit.models.base import ModelAdapter
@@ -23,6 +24,28 @@ def logical_parameters(model: nn.Module) -> int:
             total += mod.in_features * mod.out_features
         elif isinstance(mod, QuantPerHeadLowRankLinear):
             total += mod.head_dim * sum(mod.ranks)
+    return total
+
+
+def held_tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the model holds: parameters, buffers, and tensors kept in module attributes or
+    in the attributes of objects they hold (where a cached copy of a weight would hide), each storage
+    view once. A quantized model that keeps no float copy of its integers holds the same bytes after a
+    forward as before it."""
+    seen: set[tuple[int, torch.dtype, int, int]] = set()
+    total = 0
+    for mod in model.modules():
+        tensors = [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]
+        for value in vars(mod).values():
+            if isinstance(value, torch.Tensor):
+                tensors.append(value)
+            elif hasattr(value, "__dict__") and not isinstance(value, nn.Module):
+                tensors += [t for t in vars(value).values() if isinstance(t, torch.Tensor)]
+        for t in tensors:
+            key = (t.untyped_storage().data_ptr(), t.dtype, t.storage_offset(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
     return total
 
 

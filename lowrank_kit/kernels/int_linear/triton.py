@@ -1,0 +1,142 @@
+"""Triton weight-only integer GEMM: ``y = x · (q · s)ᵀ`` with int8 or packed-int4 ``q`` dequantized in
+registers, so the weights cross memory as integers (1 or ½ byte each) and no float copy exists.
+
+``x`` [M, K] (fp16 / bf16 / fp32), ``q`` [N, K] int8 or [N, ⌈K/2⌉] uint8 (two signed nibbles per byte,
+column 2j low, 2j+1 high: :func:`lowrank_kit.quant.primitives.pack_int4`), ``s`` [N] fp32 per output
+channel. Products accumulate in fp32 on the tensor cores (the dequantized tile is cast to ``x``'s dtype;
+the integers are exact in it), the per-channel scale is applied once to the accumulator. fp32 inputs
+multiply in full fp32 (``input_precision="ieee"``), not TF32, so that they agree with the CPU path.
+
+The launch shape is chosen from (M, N, K) by :func:`launch_config`, not autotuned: a decode step
+replayed from a CUDA graph must not trigger a benchmark sweep, and the first call compiles only once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class IntLinearConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def launch_config(m: int, n: int, k: int, bits: int = 8) -> IntLinearConfig:
+    """Decode-sized inputs (≤ 16 rows) are a weight stream: narrow column tiles give every SM a share of
+    the rows of ``q`` (the shapes measured best on an H100 at 8 rows over LLaVA-NeXT-7B's layers,
+    ``benchmarks/int_linear.py --parts sweep``); larger inputs use square-ish tensor-core tiles."""
+    if interpreting():
+        return IntLinearConfig(16, 16, 32, 1, 1)
+    if m <= 16:
+        return IntLinearConfig(16, 32, 256, 4, 3) if bits == 8 else IntLinearConfig(16, 16, 128, 4, 5)
+    if m <= 64:
+        return IntLinearConfig(64, 64, 128, 4, 3)
+    return IntLinearConfig(128, 128, 64, 8, 3)
+
+
+@triton.jit
+def _int_linear_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_qn,
+    stride_ym,
+    BITS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk0 = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + rk0
+        x = tl.load(
+            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+            mask=(rm[:, None] < M) & (rk[None, :] < K),
+            other=0.0,
+        )
+        wmask = (rk[:, None] < K) & (rn[None, :] < N)
+        if BITS == 8:
+            w = tl.load(q_ptr + rn[None, :] * stride_qn + rk[:, None], mask=wmask, other=0).to(tl.int32)
+        else:
+            byte = tl.load(q_ptr + rn[None, :] * stride_qn + rk[:, None] // 2, mask=wmask, other=0).to(
+                tl.int32
+            )
+            nib = (byte >> ((rk[:, None] % 2) * 4)) & 0xF
+            w = tl.where(nib >= 8, nib - 16, nib)
+        if IEEE:
+            acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w.to(x.dtype))
+    scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+    acc = acc * scale[None, :]
+    tl.store(
+        y_ptr + rm[:, None] * stride_ym + rn[None, :],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(rm[:, None] < M) & (rn[None, :] < N),
+    )
+
+
+def int_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bits: int,
+    in_features: int,
+    config: IntLinearConfig | None = None,
+) -> torch.Tensor:
+    """``x`` [..., K] → [..., N] in ``x``'s dtype (see the module docstring); ``config`` overrides
+    :func:`launch_config` (for benchmarks)."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    m, n = x2.shape[0], qweight.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*lead, n)
+    cfg = config or launch_config(m, n, in_features, bits)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    _int_linear_kernel[grid](
+        x2,
+        qweight,
+        scale,
+        y,
+        m,
+        n,
+        in_features,
+        x2.stride(0),
+        x2.stride(1),
+        qweight.stride(0),
+        y.stride(0),
+        BITS=bits,
+        IEEE=x.dtype == torch.float32,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return y.reshape(*lead, n)
