@@ -51,6 +51,12 @@ def parse(argv: list[str] | None) -> tuple[E2ESettings, Path | None]:
         "--allocation", default=None, help="rank allocation (default: the method's first; wsvd: importance)"
     )
     p.add_argument("--finetune", action="store_true", help="wsvd's local fine-tuning on (off by default)")
+    p.add_argument(
+        "--quant",
+        default=None,
+        help="quantization scheme after the decomposition (e.g. w8a16-kv8: int8 "
+        "weights computed from their integers, int8 latents)",
+    )
     p.add_argument("--calib-samples", type=int, default=None, help=f"(default {d.calib_samples})")
     p.add_argument("--calib-tokens", type=int, default=None, help=f"(default {d.calib_tokens})")
     p.add_argument("--no-check", action="store_true", help="skip the latent-vs-rebuilt-K/V logit check")
@@ -86,6 +92,7 @@ def parse(argv: list[str] | None) -> tuple[E2ESettings, Path | None]:
         ratio=a.ratio,
         allocation=a.allocation,
         finetune=a.finetune,
+        quant=a.quant,
         check=not a.no_check,
         graph=not a.no_graph,
         static_baseline=not a.no_static_baseline,

@@ -4,7 +4,7 @@
 # the decode-attention shape grid, and the testbed's quantization table on the GPU. Results land
 # in $OUT (JSON, test logs); copy them into benchmarks/results/ and commit them.
 #
-#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests target sweep occupancy gqa_sweep e2e profile_graph grid grid_full grid_full_llava grid_full_qwen quant]
+#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests int_tests int_linear e2e_w8 e2e_long target sweep occupancy gqa_sweep e2e profile_graph grid grid_full grid_full_llava grid_full_qwen quant]
 #   (default: tests e2e grid quant; CARD names the output files)
 #
 # The device image has torch/triton/transformers but not pydantic: wheels for its Python carried in
@@ -60,6 +60,19 @@ for p in "${parts[@]}"; do
       step kernel_tests 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_latent_attention_gpu.py ;;
     runtime_tests)
       step runtime_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/runtime/test_generate_gpu.py ;;
+    int_tests)  # integer linears: compiled Triton kernel and _int_mm against the naive twin; a W8A8 model on GPU
+      step int_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/kernels/test_int_linear_gpu.py \
+        tests/kernels/test_int_linear.py tests/checkpoint/test_int_memory.py ;;
+    int_linear)  # backends per layer shape and row count; memory of a W8 LLaVA-NeXT-7B loaded on the GPU
+      step int_linear 420 python3 benchmarks/int_linear.py --output "$OUT/int_linear_$CARD.json" ;;
+    e2e_w8)  # the target shape with int8 weights (computed from their integers) and int8 latents
+      step decode_e2e_w8 480 python3 benchmarks/decode_e2e.py --quant w8a16-kv8 \
+        --output "$OUT/decode_e2e_llava-next-7b_w8kv8_$CARD.json" ;;
+    e2e_long)  # batch 1 at 32K context, fp16 and W8 + kv8
+      step decode_e2e_long 400 python3 benchmarks/decode_e2e.py --batch 1 --context 32768 \
+        --output "$OUT/decode_e2e_llava-next-7b_b1_32k_$CARD.json"
+      step decode_e2e_long_w8 450 python3 benchmarks/decode_e2e.py --batch 1 --context 32768 --quant w8a16-kv8 \
+        --output "$OUT/decode_e2e_llava-next-7b_b1_32k_w8kv8_$CARD.json" ;;
     target)
       step attention_target 240 python3 benchmarks/attention_decode.py run --batches 16 --lengths 8192 \
         --rhos 0.5 --time-budget 200 --out "$OUT/attention_decode_target_$CARD.json" ;;
@@ -92,7 +105,7 @@ for p in "${parts[@]}"; do
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
         --output "$OUT/quant_accuracy_testbed_$CARD.json" --table "$OUT/quant_accuracy_table.md" ;;
-    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, target, sweep, occupancy, gqa_sweep, e2e, profile_graph, grid, grid_full, grid_full_llava, grid_full_qwen, quant)"; exit 2 ;;
+    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, int_tests, int_linear, e2e_w8, e2e_long, target, sweep, occupancy, gqa_sweep, e2e, profile_graph, grid, grid_full, grid_full_llava, grid_full_qwen, quant)"; exit 2 ;;
   esac
 done
 exit $status

@@ -54,6 +54,7 @@ from lowrank_kit.kernels.latent_attention.layout import HEADS_COLUMNS, HEADS_MAX
 from lowrank_kit.models.presets import build_random_model, get_preset, preset_config
 from lowrank_kit.pipeline import compress
 from lowrank_kit.progress import NULL_REPORTER
+from lowrank_kit.quant.schemes import resolve_scheme
 from lowrank_kit.recipe import parse_recipe
 from lowrank_kit.registry import adapter_for_config
 from lowrank_kit.runtime import enable_latent_decode
@@ -94,6 +95,7 @@ class E2ESettings:
     ratio: float = 0.5
     allocation: str | None = None
     finetune: bool = False
+    quant: str | None = None  # a quantization scheme after the decomposition, e.g. w8a16-kv8
     calib_samples: int = 8
     calib_tokens: int = 512
     check: bool = True
@@ -104,6 +106,8 @@ class E2ESettings:
     def validate(self) -> None:
 
         get_preset(self.arch)  # an unknown alias lists the valid ones
+        if self.quant is not None:
+            resolve_scheme(self.quant)  # an unknown scheme lists the valid forms
         if self.dtype not in DTYPES:
             raise LowRankError(f"unknown dtype {self.dtype!r}; available: {', '.join(DTYPES)}")
         for name in ("batch", "context", "steps", "calib_samples", "calib_tokens"):
@@ -462,13 +466,15 @@ def _environment(device: torch.device) -> dict[str, Any]:
 
 def compress_for_run(model, settings: E2ESettings, reporter=None):
     """Compress ``model`` in place as a run does: ``settings.method`` at ρ1 = ``settings.ratio`` on
-    q/k/v (its rank allocation, wsvd's fine-tuning as set), calibrated on random-token samples."""
+    q/k/v (its rank allocation, wsvd's fine-tuning as set), then ``settings.quant`` if set, calibrated on
+    random-token samples."""
     step: dict[str, Any] = {"type": "decompose", "method": settings.method, "ratio": settings.ratio}
     if settings.allocation:
         step["rank_allocation"] = settings.allocation
     if settings.method == "wsvd":
         step["params"] = {"finetune": settings.finetune}
-    recipe = parse_recipe({"model": settings.arch, "steps": [step]}, origin="decode_e2e")
+    steps = [step] + ([{"type": "quantize", "scheme": settings.quant}] if settings.quant else [])
+    recipe = parse_recipe({"model": settings.arch, "steps": steps}, origin="decode_e2e")
     samples = calibration_samples(model, settings.calib_samples, settings.calib_tokens, settings.seed)
     return compress(model, recipe, calibration=samples, reporter=reporter or NULL_REPORTER)
 
@@ -537,6 +543,7 @@ def run_e2e(
     report = result.report
     res["compression"] = {
         "method": settings.method,
+        "quant": settings.quant,
         "recipe": result.recipe.model_dump(mode="json"),
         "seconds": time.perf_counter() - t0,
         "rho1": report["rho1"],

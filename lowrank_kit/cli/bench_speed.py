@@ -106,6 +106,12 @@ def speed(
         "0.5", "--rho2", help="Comma-separated ρ2 (fraction of the K/V cache kept) of the kernel's latents."
     ),
     ratio: float = typer.Option(0.5, "--ratio", help="ρ1 of the end-to-end run's wsvd compression."),
+    quant: str | None = typer.Option(
+        None,
+        "--quant",
+        help="End to end: a quantization scheme after wsvd, e.g. w8a16-kv8 (int8 weights computed from "
+        "their integers, int8 latents).",
+    ),
     steps: int = typer.Option(32, "--steps", help="Timed decode steps of the end-to-end run."),
     kernel: bool = typer.Option(True, "--kernel/--no-kernel", help="Run the decode-attention benchmark."),
     e2e: bool = typer.Option(True, "--e2e/--no-e2e", help="Run the end-to-end decode benchmark."),
@@ -140,6 +146,10 @@ def speed(
 
     rhos = tuple(parse_fractions(rho2, "--rho2"))
     check_fraction(ratio, "--ratio", RHO1_MEANING)
+    if quant is not None:
+        from lowrank_kit.quant.schemes import resolve_scheme
+
+        resolve_scheme(quant)  # an unknown scheme is an error that lists the valid forms
     if steps < 1:
         raise LowRankError(f"--steps must be at least 1, got {steps}")
     if not (kernel or e2e):
@@ -175,6 +185,7 @@ def speed(
             context=lengths[0],
             steps=steps,
             ratio=ratio,
+            quant=quant,
             graph=graph,
             static_baseline=static_baseline,
         )
