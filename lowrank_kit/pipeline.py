@@ -7,6 +7,7 @@ compresses it and writes a checkpoint atomically (nothing is left behind when a 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,12 +211,14 @@ def compress_to_directory(
     trust_remote_code: bool = False,
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
+    evaluate: Callable[[CompressionResult], dict[str, Any]] | None = None,
 ) -> CompressionResult:
     """Load ``recipe.model``, compress it and write the checkpoint to ``output`` atomically.
 
     With ``use_cache`` the calibration products are kept in ``cache_dir`` (default
     :func:`~lowrank_kit.calib_cache.default_cache_dir`), so that rerunning an interrupted compression
-    resumes where it stopped and writes the same checkpoint.
+    resumes where it stopped and writes the same checkpoint. ``evaluate`` scores the compressed model
+    before it is saved; what it returns is the report's ``evaluation`` (e.g. the CLI's perplexity).
     """
 
     t0 = time.perf_counter()
@@ -239,6 +242,8 @@ def compress_to_directory(
         cache_dir=cache_dir,
     )
     result.report["model"] = recipe.model
+    if evaluate is not None:
+        result.report["evaluation"] = evaluate(result)
     result.report["seconds"] = round(time.perf_counter() - t0, 4)
     result.output = save_compressed(result, output, overwrite=overwrite, source=loaded.path)
     result.report["output"] = str(result.output)

@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 import lowrank_kit
-from lowrank_kit.cli.main import app
+from lowrank_kit.cli.main import _perplexity_evaluation, app
 from lowrank_kit.data.text import corpus_text, token_windows
 from lowrank_kit.eval.perplexity import perplexity
 from lowrank_kit.models import packaged
@@ -73,7 +73,9 @@ def test_compressed_checkpoint_loads_back_to_the_same_perplexity(method, windows
         calib_max_length=128,
         params=params,
     )
-    result = compress_to_directory(recipe, tmp_path / "out", use_cache=False)
+    # The CLI's --eval-data hook: the report keeps the compressed model's perplexity on these windows.
+    evaluate = _perplexity_evaluation("smollm2-135m", "text:pydoc", seq_len=128, limit=2)
+    result = compress_to_directory(recipe, tmp_path / "out", use_cache=False, evaluate=evaluate)
     assert result.report["rho1"] == pytest.approx(0.7, abs=0.02)
     assert result.recipe.calibration.source == "text" and result.recipe.calibration.dataset == "text:pydoc"
     in_memory = perplexity(result.model, windows)
@@ -82,3 +84,6 @@ def test_compressed_checkpoint_loads_back_to_the_same_perplexity(method, windows
     reloaded = perplexity(loaded.model, windows)
     assert math.isfinite(in_memory["perplexity"])
     assert reloaded["perplexity"] == pytest.approx(in_memory["perplexity"], rel=1e-6)
+    saved = json.loads((tmp_path / "out" / "lowrank_report.json").read_text())["evaluation"]
+    assert saved["windows"] == 2 and saved["seq_len"] == 128
+    assert reloaded["perplexity"] == pytest.approx(saved["perplexity"], rel=1e-6)

@@ -205,6 +205,43 @@ def _text_model(model: str) -> bool:
     return context is not None and context["text_only"]
 
 
+def check_perplexity_options(data: str, seq_len: int, limit: int | None, flag: str = "") -> None:
+    """Bad perplexity options fail before any model is loaded: one line each."""
+    from lowrank_kit.data.text import parse_corpus
+    from lowrank_kit.eval.engine import EvaluationError
+
+    if seq_len < 2:
+        raise EvaluationError(f"--{flag}seq-len must be at least 2 tokens, got {seq_len}")
+    if limit is not None and limit < 1:
+        raise EvaluationError(f"--{flag}limit must be at least 1 window, got {limit}")
+    parse_corpus(data)
+
+
+def text_perplexity(
+    model: Any,
+    tokenizer: Any,
+    data: str,
+    *,
+    split: str | None,
+    limit: int | None,
+    seq_len: int,
+    batch_size: int,
+    reference: Any = None,
+) -> dict[str, Any]:
+    """Perplexity of a loaded ``model`` on the evaluation part of the text corpus ``data``."""
+    from lowrank_kit.data.text import corpus_text, token_windows
+    from lowrank_kit.eval.perplexity import perplexity
+    from lowrank_kit.progress import RichReporter
+
+    windows = token_windows(
+        tokenizer, corpus_text(data, "evaluation", split=split), seq_len, max_windows=limit
+    )
+    result = perplexity(
+        model.eval(), windows, batch_size=batch_size, reference=reference, reporter=RichReporter(err_console)
+    )
+    return {"data": data, "part": "evaluation", "seq_len": seq_len, **result}
+
+
 def _perplexity(
     model: str,
     data: str,
@@ -217,28 +254,29 @@ def _perplexity(
     dtype: Any,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on the evaluation part of the text corpus ``data``."""
-    from lowrank_kit.data.text import corpus_text, parse_corpus, token_windows
     from lowrank_kit.eval.engine import EvaluationError
-    from lowrank_kit.eval.perplexity import perplexity
     from lowrank_kit.loading import load_model
     from lowrank_kit.progress import RichReporter
 
-    if seq_len < 2:
-        raise EvaluationError(f"--seq-len must be at least 2 tokens, got {seq_len}")
-    if limit is not None and limit < 1:
-        raise EvaluationError(f"--limit must be at least 1 window, got {limit}")
-    corpus = parse_corpus(data)
+    check_perplexity_options(data, seq_len, limit)
     reporter = RichReporter(err_console)
     loaded = load_model(model, dtype=dtype, device=device, reporter=reporter)
     if loaded.processor is None:
         raise EvaluationError(f"model {model!r} has no tokenizer, so text cannot be fed to it")
-    text = corpus_text(corpus, "evaluation", split=split)
-    windows = token_windows(loaded.processor, text, seq_len, max_windows=limit)
     ref_model = None
     if reference is not None:
         ref_model = load_model(reference, dtype=dtype, device=device, reporter=reporter).model
-    result = perplexity(loaded.model, windows, batch_size=batch_size, reference=ref_model, reporter=reporter)
-    return {"model": model, "data": data, "part": "evaluation", "seq_len": seq_len, **result}
+    result = text_perplexity(
+        loaded.model,
+        loaded.processor,
+        data,
+        split=split,
+        limit=limit,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        reference=ref_model,
+    )
+    return {"model": model, **result}
 
 
 def perplexity_table(summary: dict[str, Any]) -> Table:

@@ -16,8 +16,9 @@ import lowrank_kit
 from lowrank_kit.cli.bench import bench_app
 from lowrank_kit.cli.bench_speed import speed as _bench_speed  # noqa: F401  (registers `bench speed`)
 from lowrank_kit.cli.common import RATIO_HELP, _Group, _parse_dtype, err_console, out, print_json
-from lowrank_kit.cli.evaluate import eval_command
+from lowrank_kit.cli.evaluate import check_perplexity_options, eval_command, text_perplexity
 from lowrank_kit.cli.testbed import testbed_app
+from lowrank_kit.errors import LowRankError
 
 if TYPE_CHECKING:
     from lowrank_kit.recipe import Recipe
@@ -190,6 +191,12 @@ def _summary_table(report: dict[str, Any]) -> Table:
     for stage in report.get("stages", []):
         table.add_row(f"time: {stage['stage']}", f"{stage['seconds']:.2f} s")
     table.add_row("wall time", f"{report['seconds']:.2f} s")
+    evaluation = report.get("evaluation")
+    if evaluation:
+        table.add_row(
+            f"perplexity ({evaluation['data']}, {evaluation['windows']}×{evaluation['seq_len']} tokens)",
+            f"{evaluation['perplexity']:.4f}",
+        )
     if report.get("disk_bytes") and report.get("original_weight_bytes"):
         table.add_row(
             "weights on disk (vs original)",
@@ -230,11 +237,23 @@ def compress(
         "(default: calibration/ under $LOWRANK_KIT_CACHE or ~/.cache/lowrank_kit).",
         file_okay=False,
     ),
+    eval_data: str | None = typer.Option(
+        None,
+        "--eval-data",
+        help="A text model: also score perplexity on the evaluation part of this corpus (text:pydoc, "
+        "text:PATH, hf:DATASET[:CONFIG]) before saving; the report keeps it as `evaluation`.",
+    ),
+    eval_seq_len: int = typer.Option(512, "--eval-seq-len", help="With --eval-data: tokens per window."),
+    eval_limit: int | None = typer.Option(16, "--eval-limit", help="With --eval-data: windows scored."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the table."),
 ) -> None:
     """Compress a model: decompose (--method/--ratio) and/or quantize (--quant), then save it."""
     from lowrank_kit.pipeline import compress_to_directory
     from lowrank_kit.progress import RichReporter
+
+    evaluate = None
+    if eval_data is not None:
+        evaluate = _perplexity_evaluation(recipe.model, eval_data, eval_seq_len, eval_limit)
 
     if output is None:
         dec = recipe.decompose
@@ -254,6 +273,7 @@ def compress(
         trust_remote_code=trust_remote_code,
         cache_dir=cache_dir,
         use_cache=not no_cache,
+        evaluate=evaluate,
     )
     report = result.report
     if as_json:
@@ -270,11 +290,34 @@ def compress(
                 "disk_bytes": report.get("disk_bytes"),
                 "original_weight_bytes": report.get("original_weight_bytes"),
                 "cache_ratio_vs_fp16": report.get("quantize", {}).get("cache_ratio_vs_fp16", report["rho2"]),
+                "evaluation": report.get("evaluation"),
                 "report": str(Path(report["output"]) / "lowrank_report.json"),
             }
         )
     else:
         out.print(_summary_table(report))
+
+
+def _perplexity_evaluation(model: str, data: str, seq_len: int, limit: int | None):
+    """compress --eval-data: checked before any work; scores the compressed model before it is saved."""
+    from lowrank_kit.loading import calibration_context
+
+    check_perplexity_options(data, seq_len, limit, flag="eval-")
+    context = calibration_context(model)
+    if context is not None and not context["text_only"]:
+        raise LowRankError(
+            f"--eval-data scores perplexity of a text model, and {model!r} is a vision-language model; "
+            "evaluate its checkpoint with `lowrank eval CHECKPOINT --data ...`"
+        )
+
+    def evaluate(result) -> dict[str, Any]:
+        if not result.adapter.text_only or result.processor is None:
+            raise LowRankError(f"--eval-data needs a text model with a tokenizer; {model!r} is not one")
+        return text_perplexity(
+            result.model, result.processor, data, split=None, limit=limit, seq_len=seq_len, batch_size=4
+        )
+
+    return evaluate
 
 
 @app.command()

@@ -164,3 +164,41 @@ def test_a_text_model_on_image_questions_is_one_line(text_models):
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "text:pydoc" in lines[0]
+
+
+def test_compress_records_perplexity_that_the_checkpoint_reproduces(text_models, tmp_path):
+    out = tmp_path / "ckpt"
+    res = runner.invoke(
+        app,
+        [
+            "compress", "--model", str(text_models / "model"), "--method", "svd", "--ratio", "0.7",
+            "--output", str(out), "--eval-data", "text:pydoc", "--eval-seq-len", "16", "--eval-limit", "3",
+            "--json",
+        ],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    reported = json.loads(res.stdout)["evaluation"]
+    assert reported["windows"] == 3 and reported["seq_len"] == 16
+    assert json.loads((out / "lowrank_report.json").read_text())["evaluation"] == reported
+    args = ["eval", str(out), "--data", "text:pydoc", "--limit", "3", "--seq-len", "16", "--json"]
+    again = json.loads(runner.invoke(app, args).stdout)
+    assert again["perplexity"] == pytest.approx(reported["perplexity"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            ["--eval-data", "text:pydoc", "--eval-seq-len", "1"],
+            "--eval-seq-len must be at least 2 tokens, got 1",
+        ),
+        (["--eval-data", "pydoc"], "pydoc"),
+    ],
+)
+def test_compress_eval_options_fail_before_any_work(text_models, tmp_path, extra, message):
+    args = ["compress", "--model", str(text_models / "model"), "--method", "svd", "--ratio", "0.7"]
+    res = runner.invoke(app, [*args, "--output", str(tmp_path / "x"), *extra])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], res.output
+    assert not (tmp_path / "x").exists()
