@@ -88,20 +88,25 @@ def test_transformers_without_lowrank_kit_refuses_every_checkpoint(checkpoints):
             assert "lowrank_kit" in err, f"{family} {quant} {how}: {err[:300]}"
 
 
-def test_a_plain_from_pretrained_in_a_fresh_process_exits_non_zero(checkpoints):
-    path, *_ = checkpoints[("llava", "w8a8")]
-    code = f"from transformers import AutoModelForImageTextToText as A; A.from_pretrained({str(path)!r})"
+@pytest.mark.parametrize(
+    "key,cls,message",
+    [
+        (("llava", "w8a8"), "AutoModelForImageTextToText", "model type `lowrank_kit`"),
+        (
+            ("llama", "w8a8"),
+            "LlamaForCausalLM",
+            "this is a lowrank_kit checkpoint: load it with lowrank_kit.load(path)",
+        ),
+    ],
+)
+def test_the_issues_one_liner_in_a_fresh_process_exits_non_zero_naming_lowrank_kit(
+    checkpoints, key, cls, message
+):
+    path, *_ = checkpoints[key]
+    code = f"from transformers import {cls} as A; A.from_pretrained({str(path)!r})"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "model type `lowrank_kit`" in proc.stderr
-
-
-def test_the_models_own_class_in_a_fresh_process_names_lowrank_kit_load(checkpoints):
-    path, *_ = checkpoints[("llama", "w8a8")]
-    code = f"from transformers import LlamaForCausalLM as L; L.from_pretrained({str(path)!r})"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "this is a lowrank_kit checkpoint: load it with lowrank_kit.load(path)" in proc.stderr
+    assert message in proc.stderr
 
 
 @pytest.mark.parametrize("family,quant", [("llava", None), ("qwen2", "w8a8")])
