@@ -22,6 +22,7 @@ never a quiet fallback.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -29,10 +30,20 @@ import torch.nn.functional as F
 
 from lowrank_kit.quant.primitives import unpack
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "naive", "triton", "int_mm")
 ENV = "LOWRANK_KIT_INT_LINEAR"
 # torch._int_mm on CUDA needs more than 16 rows (cuBLASLt's int8 GEMM).
 INT_MM_MIN_ROWS = 17
+# Said once per process, the first time a quantized linear runs on CUDA: integer weights save memory
+# there but this kernel does not yet run faster than fp16 (nothing should be quietly slower).
+SLOWER_THAN_FP16 = (
+    "quantized linears on CUDA run lowrank_kit's Triton weight-only kernel, which keeps 1 (int4: 1/2) "
+    "byte per weight in memory but was measured 1.1-2.2x slower than fp16 GEMMs at decode sizes on an "
+    "H100 (docs/benchmarks.md, 'Integer linears'); quantize for memory, not for speed, in this version"
+)
+_said_slower = False
 
 
 def _interpreting() -> bool:
@@ -59,7 +70,13 @@ def choose_backend(x: torch.Tensor, bits: int, out_features: int, *, int8_activa
     name = requested_backend()
     on_triton_device = x.is_cuda or _interpreting()
     if name == "auto":
-        return "triton" if x.is_cuda else "naive"
+        if not x.is_cuda:
+            return "naive"
+        global _said_slower
+        if not _said_slower:
+            _said_slower = True
+            log.warning(SLOWER_THAN_FP16)
+        return "triton"
     if name == "triton" and not on_triton_device:
         raise ValueError(f"{ENV}=triton needs CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
     if name == "int_mm" and not (int8_activations and int_mm_applies(x, bits, out_features)):
