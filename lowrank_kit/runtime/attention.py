@@ -404,6 +404,40 @@ class LatentDecodeState:
     handles: list[Any]
     tap: PositionTap
     graph_forward: Any = None  # the model's forward while decode steps replay CUDA graphs
+    speed_note: str | None = None  # why this layout decodes slower than SDPA on full K/V, where it does
+
+
+def layout_speed_note(runtimes: list[Any], num_heads: int, num_kv_heads: int, head_dim: int) -> str | None:
+    """Where the latent kernel was measured slower than the best SDPA on full K/V (docs/kernel.md, "What
+    gets faster"), one line saying so; None for the layout it speeds up (per-head latents, one query head a
+    KV head). Nothing should decode slower than the uncompressed model without saying so."""
+    factors = runtimes[0].factors
+    if factors.joint:
+        return (
+            "K and V share one joint latent (qsvd), read by every head like a shared latent through the "
+            "grouped kernel, which measured 0.003-0.58x of SDPA for a shared latent on an H100 "
+            "(docs/kernel.md); per-head latents (wsvd) are the layout the kernel speeds up"
+        )
+    if "shared" in (factors.k.kind, factors.v.kind):
+        return (
+            "one shared latent per projection (svd/asvd/svdllm): every head rebuilds its keys from the whole "
+            "latent; decode attention measured 0.003-0.58x of SDPA on an H100 (docs/kernel.md); per-head "
+            "latents (wsvd) are the layout the kernel speeds up"
+        )
+    if num_heads != num_kv_heads:
+        return (
+            f"grouped-query attention ({num_heads} query heads over {num_kv_heads} KV heads): the latent kernel "
+            "measured 0.38-1.00x of SDPA on Qwen2-VL-7B's shape on an H100 (docs/kernel.md): the cache is "
+            "smaller, decode attention is not faster"
+        )
+    full = 2 * num_kv_heads * head_dim * len(runtimes)
+    kept = sum(sum(rt.factors.k.ranks) + sum(rt.factors.v.ranks) for rt in runtimes) / full
+    if kept >= 0.7:
+        return (
+            f"the latents keep {kept:.2f} of the K/V cache: at rho2 0.7-0.9 the latent kernel measured "
+            "0.55-0.88x of SDPA on an H100 (docs/kernel.md); it speeds up decode from rho2 about 0.5"
+        )
+    return None
 
 
 def _refuse_sliding(text: Any, attn: nn.Module, layer: int) -> None:
@@ -482,6 +516,9 @@ def enable_latent_decode(
     for rt in runtimes:
         rt.module.forward = rt.forward
     state = LatentDecodeState(adapter, backend, runtimes, handles, tap)
+    state.speed_note = layout_speed_note(runtimes, info.num_heads, info.num_kv_heads, info.head_dim)
+    if state.speed_note is not None:
+        log.warning("latent decode: %s", state.speed_note)
     if cuda_graph:
         state.graph_forward = model.forward = graph_forward(model, model.forward)
     setattr(model, STATE_ATTR, state)
