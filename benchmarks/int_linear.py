@@ -115,8 +115,9 @@ def part_sweep(iters: int) -> dict[str, Any]:
     from lowrank_kit.quant.primitives import pack
 
     configs = [
-        IntLinearConfig(16, bn, bk, w, st)
-        for bn in (16, 32, 64)
+        IntLinearConfig(16, bn, bk, w, st, swapped)
+        for swapped in (False, True)
+        for bn in ((16, 32, 64) if not swapped else (32, 64, 128))
         for bk in (128, 256, 512)
         for w in (4, 8)
         for st in (3, 5)

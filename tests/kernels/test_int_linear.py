@@ -113,3 +113,16 @@ def test_a_quantized_per_head_projection_holds_no_float_up_weight_after_a_forwar
     before = tensor_bytes(mod)
     mod(torch.randn(2, 32))
     assert tensor_bytes(mod) == before
+
+
+@interpreted
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("m,n,k", [(1, 16, 32), (5, 40, 70)])
+def test_swapped_kernel_matches_naive(bits, m, n, k):
+    from lowrank_kit.kernels.int_linear.triton import IntLinearConfig
+    from lowrank_kit.kernels.int_linear.triton import int_linear as triton_int_linear
+
+    x, stored, scale, _ = problem(m, n, k, bits, seed=7 + m)
+    want = naive_int_linear(x, stored, scale, bits, k)
+    got = triton_int_linear(x, stored, scale, bits, k, IntLinearConfig(16, 16, 32, 1, 1, swapped=True))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -32,6 +32,7 @@ class IntLinearConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    swapped: bool = False  # the weight tile as the dot's first operand (few rows)
 
 
 def launch_config(m: int, n: int, k: int, bits: int = 8) -> IntLinearConfig:
@@ -101,6 +102,62 @@ def _int_linear_kernel(
     )
 
 
+@triton.jit
+def _int_linear_swapped_kernel(
+    x_ptr,
+    q_ptr,
+    s_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    stride_qn,
+    stride_ym,
+    BITS: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """``yᵀ = W · xᵀ`` for few rows: the weight tile [BLOCK_N, BLOCK_K] is the dot's first operand, read in
+    its stored K-contiguous order, and the input rows fill the small second dimension."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk0 = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + rk0
+        xt = tl.load(
+            x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,
+            mask=(rm[None, :] < M) & (rk[:, None] < K),
+            other=0.0,
+        )
+        wmask = (rn[:, None] < N) & (rk[None, :] < K)
+        if BITS == 8:
+            w = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :], mask=wmask, other=0)
+        else:
+            byte = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :] // 2, mask=wmask, other=0).to(
+                tl.int32
+            )
+            nib = (byte >> ((rk[None, :] % 2) * 4)) & 0xF
+            w = tl.where(nib >= 8, nib - 16, nib)
+        if IEEE:
+            acc += tl.dot(w.to(xt.dtype), xt, input_precision="ieee")
+        else:
+            acc += tl.dot(w.to(xt.dtype), xt)
+    scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+    acc = acc * scale[:, None]
+    tl.store(
+        y_ptr + rm[None, :] * stride_ym + rn[:, None],
+        acc.to(y_ptr.dtype.element_ty),
+        mask=(rm[None, :] < M) & (rn[:, None] < N),
+    )
+
+
 def int_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -119,7 +176,8 @@ def int_linear(
         return y.reshape(*lead, n)
     cfg = config or launch_config(m, n, in_features, bits)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
-    _int_linear_kernel[grid](
+    kernel = _int_linear_swapped_kernel if cfg.swapped else _int_linear_kernel
+    kernel[grid](
         x2,
         qweight,
         scale,
