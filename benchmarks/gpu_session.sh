@@ -4,7 +4,7 @@
 # the decode-attention shape grid, and the testbed's quantization table on the GPU. Results land
 # in $OUT (JSON, test logs); copy them into benchmarks/results/ and commit them.
 #
-#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests int_tests int_linear e2e_w8 e2e_long target sweep occupancy gqa_sweep e2e profile_graph grid grid_full grid_full_llava grid_full_qwen quant]
+#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests int_tests int_sweep int_linears int_linear e2e_w8 e2e_long target sweep occupancy gqa_sweep e2e profile_graph grid grid_full grid_full_llava grid_full_qwen quant]
 #   (default: tests e2e grid quant; CARD names the output files)
 #
 # The device image has torch/triton/transformers but not pydantic: wheels for its Python carried in
@@ -63,6 +63,10 @@ for p in "${parts[@]}"; do
     int_tests)  # integer linears: compiled Triton kernel and _int_mm against the naive twin; a W8A8 model on GPU
       step int_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/kernels/test_int_linear_gpu.py \
         tests/kernels/test_int_linear.py tests/checkpoint/test_int_memory.py ;;
+    int_sweep)  # launch shapes of the Triton integer kernel at 8 rows (unswapped and swapped operands)
+      step int_sweep 240 python3 benchmarks/int_linear.py --parts sweep --iters 30 --output "$OUT/int_linear_sweep_$CARD.json" ;;
+    int_linears)  # backends per layer shape and row count only (no memory part)
+      step int_linears 200 python3 benchmarks/int_linear.py --parts linears --output "$OUT/int_linear_linears_$CARD.json" ;;
     int_linear)  # backends per layer shape and row count; memory of a W8 LLaVA-NeXT-7B loaded on the GPU
       step int_linear 420 python3 benchmarks/int_linear.py --output "$OUT/int_linear_$CARD.json" ;;
     e2e_w8)  # the target shape with int8 weights (computed from their integers) and int8 latents
@@ -105,7 +109,7 @@ for p in "${parts[@]}"; do
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
         --output "$OUT/quant_accuracy_testbed_$CARD.json" --table "$OUT/quant_accuracy_table.md" ;;
-    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, int_tests, int_linear, e2e_w8, e2e_long, target, sweep, occupancy, gqa_sweep, e2e, profile_graph, grid, grid_full, grid_full_llava, grid_full_qwen, quant)"; exit 2 ;;
+    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, int_tests, int_sweep, int_linears, int_linear, e2e_w8, e2e_long, target, sweep, occupancy, gqa_sweep, e2e, profile_graph, grid, grid_full, grid_full_llava, grid_full_qwen, quant)"; exit 2 ;;
   esac
 done
 exit $status
