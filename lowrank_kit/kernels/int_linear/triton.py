@@ -36,14 +36,15 @@ class IntLinearConfig:
 
 
 def launch_config(m: int, n: int, k: int, bits: int = 8) -> IntLinearConfig:
-    """Decode-sized inputs (≤ 16 rows) are a weight stream: the swapped kernel reads weight tiles in their
-    stored order as the dot's first operand (the first, unswapped sweep on an H100 found at best 405-866
-    GB/s, slower than fp16; ``benchmarks/int_linear.py --parts sweep`` measures both); larger inputs use
-    square-ish tensor-core tiles."""
+    """Decode-sized inputs (≤ 16 rows) are a weight stream: narrow column tiles give every SM a share of
+    the rows of ``q`` (the shapes measured best on an H100 at 8 rows over LLaVA-NeXT-7B's layers,
+    ``benchmarks/int_linear.py --parts sweep``: 405-866 GB/s, still slower than fp16). The swapped-operand
+    kernel (``swapped=True``) is in the sweep but not yet measured on a GPU, so it is not the default.
+    Larger inputs use square-ish tensor-core tiles."""
     if interpreting():
         return IntLinearConfig(16, 16, 32, 1, 1)
     if m <= 16:
-        return IntLinearConfig(16, 64, 256, 4, 3, swapped=True)
+        return IntLinearConfig(16, 32, 256, 4, 3) if bits == 8 else IntLinearConfig(16, 16, 128, 4, 5)
     if m <= 64:
         return IntLinearConfig(64, 64, 128, 4, 3)
     return IntLinearConfig(128, 128, 64, 8, 3)
