@@ -15,8 +15,9 @@ Parts (``--parts``, comma-separated):
   (mean ``‖V_iᵀ V_j‖²_F / r`` over head pairs: 1 when the heads read the same directions, ``r/n`` for
   random ones). No gradients; one Gram pass.
 - ``fisher``: wsvd (importance ranks) at ρ1 0.5 with 64 / 256 / 512 calibration samples, without
-  fine-tuning at 64, and at ρ1 0.3 with 64: the Fisher and the importance scores are means over the
-  samples, so the sample count is what this varies.
+  fine-tuning at 64, and at ρ1 0.3 with 64 (with and without fine-tuning): the Fisher and the importance
+  scores are means over the samples, so the sample count is what this varies. The pydoc pool holds 289
+  windows of 256 tokens, so the 512-sample cell stops with that message (it needs a larger corpus).
 - ``finetune``: wsvd at ρ1 0.5, 64 samples, 100 fine-tuning steps at learning rates 1e-3 and 1e-2 (the
   default is 1e-4).
 - ``allocation``: wsvd with uniform ranks against importance ranks, and svdllm, at ρ1 0.5 and 0.3.
@@ -182,6 +183,7 @@ CELLS: dict[str, list[tuple[str, str, float, int, dict[str, Any]]]] = {
         ("wsvd-noft@0.5/n=64", "wsvd", 0.5, 64, {"finetune": False}),
         ("wsvd@0.5/n=256", "wsvd", 0.5, 256, {}),
         ("wsvd@0.3/n=64", "wsvd", 0.3, 64, {}),
+        ("wsvd-noft@0.3/n=64", "wsvd", 0.3, 64, {"finetune": False}),
         ("wsvd@0.5/n=512", "wsvd", 0.5, 512, {}),
     ],
     "allocation": [
@@ -204,6 +206,7 @@ ORDER = [
     "wsvd@0.5/n=64/steps=100/lr=0.01",
     "wsvd@0.3/n=64",
     "svdllm@0.3/n=64",
+    "wsvd-noft@0.3/n=64",
     "wsvd@0.5/n=512",
 ]
 
