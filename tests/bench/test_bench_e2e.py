@@ -154,3 +154,18 @@ def test_profile_decode_step_script_on_a_tiny_model(tmp_path, graph):
     assert res["settings"] == {"arch": "llava-next-7b", "batch": 2, "context": 256, "dtype": "float32"}
     assert res["baseline"]["mode"] == "eager"
     assert res["latent"]["mode"] == ("graph" if graph else "eager")
+
+
+def test_a_quantized_run_decodes_int8_latents_from_integer_weights():
+    res = run_e2e(E2ESettings(**SMALL, quant="w8a16-kv8"))
+    step = res["compression"]["recipe"]["steps"][1]
+    assert res["compression"]["quant"] == step["scheme"] == "w8a16-kv8" and step["methods"] == ["rtn"]
+    assert res["check"]["ok"]  # latent decode from int8 latents and integer weights matches rebuilt K/V
+    (row,) = res["rows"]
+    # int8 latents (plus their scales) in an fp32 model: well under half of rho2's bytes.
+    assert row["cache_bytes_ratio"] < 0.5 * res["compression"]["rho2"]
+
+
+def test_an_unknown_quantization_scheme_is_refused_before_any_work():
+    with pytest.raises(LowRankError, match="unknown quantization scheme 'w9'"):
+        run_e2e(E2ESettings(**SMALL, quant="w9"))
