@@ -65,98 +65,60 @@ def _int_linear_kernel(
     stride_ym,
     BITS: tl.constexpr,
     IEEE: tl.constexpr,
+    SWAPPED: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
+    """``y = x · Wᵀ`` a [BLOCK_M, BLOCK_N] tile at a time; ``SWAPPED`` computes the tile as ``W · xᵀ``
+    instead: the weight tile [BLOCK_N, BLOCK_K] is the dot's first operand, read in its stored
+    K-contiguous order, and the few input rows fill the small second dimension."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk0 = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # Tiles are indexed [n, k] (weights) and [k, m] (inputs) when swapped, [k, n] and [m, k] otherwise.
+    if SWAPPED:
+        n_idx = rn[:, None]
+        m_idx = rm[None, :]
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        n_idx = rn[None, :]
+        m_idx = rm[:, None]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + rk0
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-            mask=(rm[:, None] < M) & (rk[None, :] < K),
-            other=0.0,
-        )
-        wmask = (rk[:, None] < K) & (rn[None, :] < N)
+        if SWAPPED:
+            k_w = rk[None, :]  # k along the weight tile
+            k_x = rk[:, None]  # k along the input tile
+        else:
+            k_w = rk[:, None]
+            k_x = rk[None, :]
+        x = tl.load(x_ptr + m_idx * stride_xm + k_x * stride_xk, mask=(m_idx < M) & (k_x < K), other=0.0)
+        wmask = (n_idx < N) & (k_w < K)
         if BITS == 8:
-            w = tl.load(q_ptr + rn[None, :] * stride_qn + rk[:, None], mask=wmask, other=0).to(tl.int32)
+            w = tl.load(q_ptr + n_idx * stride_qn + k_w, mask=wmask, other=0).to(tl.int32)
         else:
-            byte = tl.load(q_ptr + rn[None, :] * stride_qn + rk[:, None] // 2, mask=wmask, other=0).to(
-                tl.int32
-            )
-            nib = (byte >> ((rk[:, None] % 2) * 4)) & 0xF
+            byte = tl.load(q_ptr + n_idx * stride_qn + k_w // 2, mask=wmask, other=0).to(tl.int32)
+            nib = (byte >> ((k_w % 2) * 4)) & 0xF
             w = tl.where(nib >= 8, nib - 16, nib)
-        if IEEE:
-            acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
+        w = w.to(x.dtype)
+        if SWAPPED:
+            if IEEE:
+                acc += tl.dot(w, x, input_precision="ieee")
+            else:
+                acc += tl.dot(w, x)
         else:
-            acc += tl.dot(x, w.to(x.dtype))
-    scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
-    acc = acc * scale[None, :]
+            if IEEE:
+                acc += tl.dot(x, w, input_precision="ieee")
+            else:
+                acc += tl.dot(x, w)
+    scale = tl.load(s_ptr + n_idx, mask=n_idx < N, other=0.0)
     tl.store(
-        y_ptr + rm[:, None] * stride_ym + rn[None, :],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=(rm[:, None] < M) & (rn[None, :] < N),
-    )
-
-
-@triton.jit
-def _int_linear_swapped_kernel(
-    x_ptr,
-    q_ptr,
-    s_ptr,
-    y_ptr,
-    M,
-    N,
-    K,
-    stride_xm,
-    stride_xk,
-    stride_qn,
-    stride_ym,
-    BITS: tl.constexpr,
-    IEEE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """``yᵀ = W · xᵀ`` for few rows: the weight tile [BLOCK_N, BLOCK_K] is the dot's first operand, read in
-    its stored K-contiguous order, and the input rows fill the small second dimension."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk0 = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + rk0
-        xt = tl.load(
-            x_ptr + rm[None, :] * stride_xm + rk[:, None] * stride_xk,
-            mask=(rm[None, :] < M) & (rk[:, None] < K),
-            other=0.0,
-        )
-        wmask = (rn[:, None] < N) & (rk[None, :] < K)
-        if BITS == 8:
-            w = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :], mask=wmask, other=0)
-        else:
-            byte = tl.load(q_ptr + rn[:, None] * stride_qn + rk[None, :] // 2, mask=wmask, other=0).to(
-                tl.int32
-            )
-            nib = (byte >> ((rk[None, :] % 2) * 4)) & 0xF
-            w = tl.where(nib >= 8, nib - 16, nib)
-        if IEEE:
-            acc += tl.dot(w.to(xt.dtype), xt, input_precision="ieee")
-        else:
-            acc += tl.dot(w.to(xt.dtype), xt)
-    scale = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
-    acc = acc * scale[:, None]
-    tl.store(
-        y_ptr + rm[None, :] * stride_ym + rn[:, None],
-        acc.to(y_ptr.dtype.element_ty),
-        mask=(rm[None, :] < M) & (rn[:, None] < N),
+        y_ptr + m_idx * stride_ym + n_idx,
+        (acc * scale).to(y_ptr.dtype.element_ty),
+        mask=(m_idx < M) & (n_idx < N),
     )
 
 
@@ -178,8 +140,7 @@ def int_linear(
         return y.reshape(*lead, n)
     cfg = config or launch_config(m, n, in_features, bits)
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
-    kernel = _int_linear_swapped_kernel if cfg.swapped else _int_linear_kernel
-    kernel[grid](
+    _int_linear_kernel[grid](
         x2,
         qweight,
         scale,
@@ -193,6 +154,7 @@ def int_linear(
         y.stride(0),
         BITS=bits,
         IEEE=x.dtype == torch.float32,
+        SWAPPED=cfg.swapped,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
