@@ -64,7 +64,7 @@ for p in "${parts[@]}"; do
       step int_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/kernels/test_int_linear_gpu.py \
         tests/kernels/test_int_linear.py tests/checkpoint/test_int_memory.py ;;
     int_sweep)  # launch shapes of the Triton integer kernel at 8 rows (unswapped and swapped operands)
-      step int_sweep 240 python3 benchmarks/int_linear.py --parts sweep --iters 30 --output "$OUT/int_linear_sweep_$CARD.json" ;;
+      step int_sweep 420 python3 benchmarks/int_linear.py --parts sweep --iters 30 --output "$OUT/int_linear_sweep_$CARD.json" ;;
     int_linears)  # backends per layer shape and row count only (no memory part)
       step int_linears 200 python3 benchmarks/int_linear.py --parts linears --output "$OUT/int_linear_linears_$CARD.json" ;;
     int_linear)  # backends per layer shape and row count; memory of a W8 LLaVA-NeXT-7B loaded on the GPU

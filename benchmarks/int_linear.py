@@ -115,12 +115,12 @@ def part_sweep(iters: int) -> dict[str, Any]:
     from lowrank_kit.quant.primitives import pack
 
     configs = [
-        IntLinearConfig(16, bn, bk, w, st, swapped)
+        IntLinearConfig(16, bn, bk, 4, st, swapped, split_k)
         for swapped in (False, True)
         for bn in ((16, 32, 64) if not swapped else (32, 64, 128))
-        for bk in (128, 256, 512)
-        for w in (4, 8)
-        for st in (3, 5)
+        for bk in (128, 256)
+        for st in (3, 4)
+        for split_k in (1, 2, 4, 8)
     ]
     out = []
     for name, (n, k) in SHAPES.items():
@@ -130,6 +130,9 @@ def part_sweep(iters: int) -> dict[str, Any]:
             8: torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8),
             4: pack(torch.randint(-7, 8, (n, k), device="cuda", dtype=torch.int8), 4),
         }
+        dense = torch.randn(n, k, device="cuda").half()
+        fp16_us = timed(lambda: x @ dense.T, iters) * 1e6
+        del dense
         for bits, q in stored.items():
             times = {}
             for cfg in configs:
@@ -142,14 +145,14 @@ def part_sweep(iters: int) -> dict[str, Any]:
             weight_bytes = n * k * bits // 8
             out.append(
                 {
-                    "layer": name, "n": n, "k": k, "bits": bits, "rows": 8,
+                    "layer": name, "n": n, "k": k, "bits": bits, "rows": 8, "fp16_us": fp16_us,
                     "best": best.__dict__, "best_us": times[best] * 1e6,
                     "best_GBps": weight_bytes / times[best] / 1e9,
                     "all": [{**c.__dict__, "us": t * 1e6} for c, t in times.items()],
                 }
             )  # fmt: skip
             print(f"{name:16s} W{bits}: best {best} {times[best] * 1e6:.1f} us "
-                  f"({weight_bytes / times[best] / 1e9:.0f} GB/s)", flush=True)  # fmt: skip
+                  f"({weight_bytes / times[best] / 1e9:.0f} GB/s; fp16 {fp16_us:.1f} us)", flush=True)  # fmt: skip
     return {"rows": out}
 
 

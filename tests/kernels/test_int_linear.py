@@ -126,3 +126,20 @@ def test_swapped_kernel_matches_naive(bits, m, n, k):
     want = naive_int_linear(x, stored, scale, bits, k)
     got = triton_int_linear(x, stored, scale, bits, k, IntLinearConfig(16, 16, 32, 1, 1, swapped=True))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("swapped", [False, True])
+@pytest.mark.parametrize("split_k,k", [(2, 70), (3, 96), (8, 40)])
+def test_split_k_kernel_matches_naive(bits, swapped, split_k, k):
+    # K chunks that do not divide K, and more splits asked than K tiles (8 splits of 2 tiles -> 2).
+    from lowrank_kit.kernels.int_linear.triton import IntLinearConfig
+    from lowrank_kit.kernels.int_linear.triton import int_linear as triton_int_linear
+
+    x, stored, scale, _ = problem(5, 24, k, bits, seed=split_k + k)
+    want = naive_int_linear(x, stored, scale, bits, k)
+    cfg = IntLinearConfig(16, 16, 32, 1, 1, swapped=swapped, split_k=split_k)
+    got = triton_int_linear(x, stored, scale, bits, k, cfg)
+    assert got.dtype == x.dtype and got.shape == (5, 24)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

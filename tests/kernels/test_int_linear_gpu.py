@@ -41,6 +41,22 @@ def test_triton_weight_only_matches_naive(bits, m, n, k, dtype):
     assert rel(got, want) < (2e-3 if dtype == torch.float16 else 1e-2)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("swapped", [False, True])
+@pytest.mark.parametrize("split_k", [2, 4, 8])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_split_k_and_swapped_launches_match_naive(bits, swapped, split_k, n, k):
+    from lowrank_kit.kernels.int_linear.triton import IntLinearConfig
+    from lowrank_kit.kernels.int_linear.triton import int_linear as triton_int_linear
+
+    x, stored, scale = problem(8, n, k, bits, torch.float16, seed=split_k + n)
+    want = naive_int_linear(x.float(), stored, scale, bits, k)
+    cfg = IntLinearConfig(16, 64 if swapped else 32, 128, 4, 3, swapped=swapped, split_k=split_k)
+    got = triton_int_linear(x, stored, scale, bits, k, cfg)
+    assert got.dtype == torch.float16 and got.shape == (8, n)
+    assert rel(got, want) < 2e-3
+
+
 def test_triton_fp32_is_not_tf32():
     x, stored, scale = problem(8, 4096, 4096, 8, torch.float32)
     want = naive_int_linear(x.double(), stored, scale.double(), 8, 4096)

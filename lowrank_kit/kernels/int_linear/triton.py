@@ -33,6 +33,7 @@ class IntLinearConfig:
     num_warps: int
     num_stages: int
     swapped: bool = False  # the weight tile as the dot's first operand (few rows)
+    split_k: int = 1  # programs per output tile along K (fp32 partial sums, summed after the kernel)
 
 
 def launch_config(m: int, n: int, k: int, bits: int = 8) -> IntLinearConfig:
@@ -63,6 +64,8 @@ def _int_linear_kernel(
     stride_xk,
     stride_qn,
     stride_ym,
+    stride_ys,
+    k_chunk,
     BITS: tl.constexpr,
     IEEE: tl.constexpr,
     SWAPPED: tl.constexpr,
@@ -72,9 +75,11 @@ def _int_linear_kernel(
 ):
     """``y = x · Wᵀ`` a [BLOCK_M, BLOCK_N] tile at a time; ``SWAPPED`` computes the tile as ``W · xᵀ``
     instead: the weight tile [BLOCK_N, BLOCK_K] is the dot's first operand, read in its stored
-    K-contiguous order, and the few input rows fill the small second dimension."""
+    K-contiguous order, and the few input rows fill the small second dimension. Program ``pid_k`` covers
+    ``k_chunk`` columns of K (a multiple of BLOCK_K) and writes its partial sum at ``pid_k * stride_ys``."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk0 = tl.arange(0, BLOCK_K)
@@ -87,7 +92,8 @@ def _int_linear_kernel(
         n_idx = rn[None, :]
         m_idx = rm[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * k_chunk
+    for k0 in range(k_lo, tl.minimum(k_lo + k_chunk, K), BLOCK_K):
         rk = k0 + rk0
         if SWAPPED:
             k_w = rk[None, :]  # k along the weight tile
@@ -116,7 +122,7 @@ def _int_linear_kernel(
                 acc += tl.dot(x, w)
     scale = tl.load(s_ptr + n_idx, mask=n_idx < N, other=0.0)
     tl.store(
-        y_ptr + m_idx * stride_ym + n_idx,
+        y_ptr + pid_k * stride_ys + m_idx * stride_ym + n_idx,
         (acc * scale).to(y_ptr.dtype.element_ty),
         mask=(m_idx < M) & (n_idx < N),
     )
@@ -135,11 +141,18 @@ def int_linear(
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     m, n = x2.shape[0], qweight.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
-        return y.reshape(*lead, n)
+        return x2.new_empty(0, n).reshape(*lead, n)
     cfg = config or launch_config(m, n, in_features, bits)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    steps = triton.cdiv(in_features, cfg.block_k)
+    split = max(1, min(cfg.split_k, steps))
+    k_chunk = triton.cdiv(steps, split) * cfg.block_k
+    split = triton.cdiv(in_features, k_chunk)  # no empty program along K
+    if split == 1:
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:  # fp32 partial sums, one [m, n] slab per K chunk
+        y = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
     _int_linear_kernel[grid](
         x2,
         qweight,
@@ -151,7 +164,9 @@ def int_linear(
         x2.stride(0),
         x2.stride(1),
         qweight.stride(0),
-        y.stride(0),
+        y.stride(-2),
+        y.stride(0) if split > 1 else 0,
+        k_chunk,
         BITS=bits,
         IEEE=x.dtype == torch.float32,
         SWAPPED=cfg.swapped,
@@ -161,4 +176,6 @@ def int_linear(
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
+    if split > 1:
+        y = y.sum(0).to(x.dtype)
     return y.reshape(*lead, n)
