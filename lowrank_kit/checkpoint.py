@@ -11,7 +11,9 @@ Layout:
   ``quantization_config: {"quant_method": "lowrank", "format_version": N}``, through which
   ``from_pretrained`` finds :mod:`lowrank_kit.hf_integration`;
 - ``model.safetensors``: factors, quantized weights with their scales, and every other weight (a
-  shared latent is stored once);
+  shared latent is stored once); above ``max_shard_size`` (default 50GB, as transformers') the weights
+  are split into ``model-0000i-of-0000N.safetensors`` shards with transformers' index file
+  ``model.safetensors.index.json``;
 - the processor/tokenizer files and ``generation_config.json``;
 - ``lowrank_report.json`` (what was done, ρ1/ρ2, sizes on disk), ``recipe.yaml``;
 - ``lowrank_manifest.json``: the sha256 of every other file, verified at load.
@@ -37,13 +39,14 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_model
+from safetensors.torch import save_file, save_model
 from torch import nn
 
 from lowrank_kit.errors import CheckpointError
 from lowrank_kit.hf_config import BASE_TYPE_KEY, CONFIG_KEY, GUARD_KEY, MODEL_TYPE, guard_entry
 from lowrank_kit.modules import LOW_RANK_MODULES
 from lowrank_kit.paths import sha256_file
+from lowrank_kit.placement import parse_memory
 from lowrank_kit.quant.modules import QUANT_MODULES
 from lowrank_kit.quant.structure import install_quantized
 from lowrank_kit.quant.structure import quantized_structure as describe_quantized
@@ -53,6 +56,8 @@ from lowrank_kit.surgery import build_structure
 FORMAT_VERSION = 2
 QUANT_METHOD = "lowrank"
 WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default
 MANIFEST = "lowrank_manifest.json"
 REPORT = "lowrank_report.json"
 RECIPE = "recipe.yaml"
@@ -217,14 +222,82 @@ def state_bytes(model: nn.Module) -> int:
     return total
 
 
-def save_compressed(result, output: str | Path, *, overwrite: bool = False, source: Any = None) -> Path:
+def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once (a tied or shared tensor under the first of its names in
+    sorted order, as safetensors' own ``save_model`` keeps it), contiguous, in state-dict order."""
+    groups: dict[tuple, list[str]] = {}
+    tensors: dict[tuple, torch.Tensor] = {}
+    for name, t in model.state_dict().items():
+        key = (
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+        )
+        groups.setdefault(key, []).append(name)
+        tensors[key] = t
+    return {min(names): tensors[key].contiguous() for key, names in groups.items()}
+
+
+def _write_weights(model: nn.Module, directory: Path, max_shard_size: int) -> list[Path]:
+    """The weights as one ``model.safetensors``, or as shards of at most ``max_shard_size`` bytes each
+    (a tensor larger than that gets a shard of its own) with transformers' index file."""
+    state = _unique_tensors(model)
+    sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
+    total = sum(sizes.values())
+    if total <= max_shard_size:
+        # One metadata entry only: safetensors writes the metadata map in hash order, so a second key
+        # would make two identical runs write different bytes (the format version is in config.json).
+        save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
+        return [directory / WEIGHTS]
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    count = len(shards)
+    files, weight_map = [], {}
+    for i, names in enumerate(shards, start=1):
+        file = directory / f"model-{i:05d}-of-{count:05d}.safetensors"
+        save_file({n: state[n].cpu() for n in names}, str(file), metadata={"format": "pt"})
+        files.append(file)
+        weight_map.update({n: file.name for n in names})
+    _write_json(directory / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return files
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """A checkpoint's safetensors files: ``model.safetensors`` or the shards its index names."""
+    index = directory / WEIGHTS_INDEX
+    if index.is_file():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise CheckpointError(f"{str(index)!r} is not a safetensors index ({err})") from None
+        return [directory / n for n in names]
+    return [directory / WEIGHTS]
+
+
+def save_compressed(
+    result,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    source: Any = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> Path:
     """Write a :class:`~lowrank_kit.pipeline.CompressionResult` to ``output`` atomically.
 
-    Adds ``disk_bytes`` (the weights file), ``checkpoint_bytes`` (every file) and ``disk_ratio``
+    Adds ``disk_bytes`` (the weights files), ``checkpoint_bytes`` (every file) and ``disk_ratio``
     (``disk_bytes`` over ``original_weight_bytes``, the uncompressed model's weights in the same dtype)
-    to ``result.report``.
+    to ``result.report``. ``max_shard_size`` (bytes or e.g. ``"5GB"``) splits larger weights into shards.
     """
-
+    shard_bytes = parse_memory(max_shard_size, "--max-shard-size")
     target = check_output_available(output, overwrite=overwrite)
     model = result.model
     report = result.report
@@ -249,13 +322,12 @@ def save_compressed(result, output: str | Path, *, overwrite: bool = False, sour
         generation = getattr(model, "generation_config", None)
         if generation is not None:
             generation.save_pretrained(tmp)
-        # One metadata entry only: safetensors writes the metadata map in hash order, so a second key
-        # would make two identical runs write different bytes (the format version is in config.json).
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        weights = _write_weights(model, tmp, shard_bytes)
         if result.processor is not None:
             result.processor.save_pretrained(tmp)
         (tmp / RECIPE).write_text(result.recipe.to_yaml(), encoding="utf-8")
-        report["disk_bytes"] = (tmp / WEIGHTS).stat().st_size
+        report["disk_bytes"] = sum(f.stat().st_size for f in weights)
+        report["weight_files"] = len(weights)
         original = report.get("original_weight_bytes")
         report["disk_ratio"] = report["disk_bytes"] / original if original else None
         files = sorted(p for p in tmp.rglob("*") if p.is_file())

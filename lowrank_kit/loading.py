@@ -38,6 +38,7 @@ from lowrank_kit.models.base import ModelAdapter
 from lowrank_kit.models.classes import model_class_for
 from lowrank_kit.models.packaged import PACKAGED, ensure_packaged, packaged_alias_of
 from lowrank_kit.models.presets import PRESETS, build_random_model, preset_config
+from lowrank_kit.placement import Placement, as_placement, from_pretrained_kwargs
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 from lowrank_kit.registry import adapter_for_config, get_adapter
 from lowrank_kit.runtime import enable_latent_decode
@@ -183,19 +184,21 @@ def load_model(
     ``random_weights`` builds the architecture without reading weights: from the alias preset for an
     alias (nothing is downloaded, there is no processor, and ``dtype`` defaults to bf16), from the
     config otherwise. ``dtype`` otherwise defaults to the checkpoint's own. The model is returned in
-    eval mode on ``device``.
+    eval mode on ``device``, which may be a :class:`~lowrank_kit.placement.Placement` (``auto`` spreads a
+    pretrained model through accelerate, see :func:`load`).
     """
+    placement = as_placement(device)
     ms = spec if isinstance(spec, ModelSpec) else resolve_model(spec)
     if ms.local_path is not None and is_compressed_checkpoint(ms.local_path):
         # A lowrank_kit output directory: rebuild its low-rank structure, then load its weights.
-        return load(ms.local_path, device=device, dtype=dtype)
+        return load(ms.local_path, device=placement, dtype=dtype)
     with reporter.stage(f"load {ms.spec}", total=3) as stage:
         if random_weights and ms.kind == "alias":
             config = preset_config(ms.alias)
             adapter = adapter_for_config(config)
             adapter.attention_info(config)
             stage.advance()
-            model = build_random_model(ms.alias, dtype=dtype or torch.bfloat16, device=device)
+            model = build_random_model(ms.alias, dtype=dtype or torch.bfloat16, device=_single(placement))
             stage.advance(2)
             return LoadedModel(
                 model=model, processor=None, adapter=adapter, config=config, spec=ms.spec, path=None
@@ -215,13 +218,14 @@ def load_model(
         stage.advance()
 
         torch_dtype = dtype or _default_dtype(config)
+        spread = {} if random_weights else from_pretrained_kwargs(placement)
         if random_weights:
-            with torch.device(device):
+            with torch.device(_single(placement)):
                 model = cls._from_config(config, dtype=torch_dtype)
         else:
             try:
                 model = cls.from_pretrained(
-                    ms.source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code
+                    ms.source, config=config, dtype=torch_dtype, trust_remote_code=trust_remote_code, **spread
                 )
             except OSError as err:
                 if ms.local_path is not None:
@@ -236,7 +240,9 @@ def load_model(
                     f"weights file {str(file)!r} is corrupt or truncated ({reason}); download or save the "
                     "model again"
                 ) from None
-        model = model.to(device).eval()
+        if not spread:
+            model = model.to(placement.execution_device)
+        model = model.eval()
         stage.advance()
 
         try:
@@ -251,6 +257,12 @@ def load_model(
     return LoadedModel(
         model=model, processor=processor, adapter=adapter, config=config, spec=ms.spec, path=directory
     )
+
+
+def _single(placement: Placement) -> torch.device:
+    """A model built here (random weights) is built whole on one device: a spread model is built in host
+    memory, and compression streams its layers from there."""
+    return torch.device("cpu") if placement.dispatched else placement.execution_device
 
 
 def _load_config(ms: ModelSpec, trust_remote_code: bool):
@@ -338,7 +350,7 @@ def list_models() -> list[dict[str, Any]]:
 def load(
     path: str | Path,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | Placement = "cpu",
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
     latent_decode: bool = False,
@@ -351,7 +363,11 @@ def load(
     ``latent_decode=True`` also runs :func:`lowrank_kit.runtime.enable_latent_decode` on it, so that
     ``generate`` caches latents (the checkpoint's K and V must be low-rank); ``cuda_graph=True`` (with
     it) makes ``generate``'s decode steps replay a CUDA graph (:mod:`lowrank_kit.runtime.graph`).
+    ``device`` may be a :class:`~lowrank_kit.placement.Placement`: ``auto`` spreads the model over the GPUs,
+    host memory and an offload directory through accelerate (``model.hf_device_map`` says where).
     """
+    placement = as_placement(device)
+    spread = from_pretrained_kwargs(placement)
     p = Path(path).expanduser()
     if not p.exists():
         raise CheckpointError(f"checkpoint {str(p)!r} does not exist")
@@ -376,12 +392,15 @@ def load(
             dtype=dtype or "auto",
             output_loading_info=True,
             trust_remote_code=trust_remote_code,
+            **spread,
         )
     problems = {k: sorted(info.get(k) or ()) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if any(problems.values()):
         found = "; ".join(f"{k.replace('_', ' ')} {v[:3]}" for k, v in problems.items() if v)
         raise CheckpointError(f"checkpoint {str(p)!r} does not match its model class: {found}")
-    model.to(device).eval()
+    if not spread:
+        model.to(placement.execution_device)
+    model.eval()
     if latent_decode:
         enable_latent_decode(model, adapter=adapter, cuda_graph=cuda_graph)
     try:

@@ -16,19 +16,26 @@ import torch
 from torch import nn
 
 from lowrank_kit.calib_cache import CalibrationCache, default_cache_dir
-from lowrank_kit.checkpoint import check_output_available, save_compressed, state_bytes
+from lowrank_kit.checkpoint import (
+    DEFAULT_MAX_SHARD_SIZE,
+    check_output_available,
+    save_compressed,
+    state_bytes,
+)
 from lowrank_kit.data.sources import build_calibration, resolve_calibration
 from lowrank_kit.errors import CalibrationError, RecipeError
 from lowrank_kit.loading import load_model, model_calibration_context
 from lowrank_kit.methods.base import DecomposeJob, QuantizeJob
 from lowrank_kit.methods.stats import StageRecorder
 from lowrank_kit.models.base import ModelAdapter
+from lowrank_kit.placement import Placement, as_placement, parse_memory
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 from lowrank_kit.quant.report import cache_report, logical_parameters
 from lowrank_kit.quant.schemes import resolve_scheme
 from lowrank_kit.ratios import compute_ratios
 from lowrank_kit.recipe import DecomposeStep, QuantizeStep, Recipe, resolve_recipe
 from lowrank_kit.registry import adapter_for_config, get_decomposer, get_quantizer
+from lowrank_kit.sequential import LayerRunner, resident_layers
 from lowrank_kit.surgery import apply_plan, describe_structure
 
 
@@ -74,8 +81,13 @@ def compress(
     reporter: Reporter = NULL_REPORTER,
     device: torch.device | str | None = None,
     cache_dir: str | Path | None = None,
+    placement: Placement | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place by the steps of ``recipe`` and return it with a report.
+
+    ``placement`` with device map ``sequential`` or ``auto`` keeps the model in host memory and runs its
+    decoder layers one at a time on the execution device (:mod:`lowrank_kit.sequential`); ``auto`` keeps
+    as many layers resident there as fit the GPU budget. The compressed model is returned in host memory.
 
     ``calibration`` (a list of :class:`~lowrank_kit.data.calibration.CalibrationSample`) is built from the
     recipe's calibration spec when a step needs it and none is given (this needs ``processor``).
@@ -95,7 +107,13 @@ def compress(
     context = model_calibration_context(model.config, getattr(model.config, "_name_or_path", "") or "")
     calibration_spec = resolve_calibration(recipe.calibration, **context)
     recipe = recipe.model_copy(update={"calibration": calibration_spec})
-    device = torch.device(device) if device is not None else _model_device(model)
+    runner = None
+    if placement is not None and placement.dispatched:
+        device = placement.execution_device
+        runner = LayerRunner(model, adapter, device, resident_layers(model, adapter, placement))
+        runner.prepare()
+    else:
+        device = torch.device(device) if device is not None else _model_device(model)
     timer = StageRecorder(NULL_REPORTER, device)
     params_before = count_parameters(model)
     weight_bytes_before = state_bytes(model)
@@ -134,6 +152,7 @@ def compress(
                 device=device,
                 seed=recipe.calibration.seed,
                 cache=cache,
+                runner=runner,
             )
             with timer.stage(f"decompose ({step.method})"):
                 plan = method.decompose(job)
@@ -170,6 +189,7 @@ def compress(
                     device=device,
                     seed=recipe.calibration.seed,
                     cache=cache,
+                    runner=runner,
                 )
                 with timer.stage(f"quantize ({name})"):
                     entries[name] = quantizer.quantize(qjob)
@@ -177,6 +197,16 @@ def compress(
             entries.update(cache_report(model, adapter, scheme.kv_bits))
             report["quantize"] = entries
 
+    if runner is not None:
+        runner.release()
+        report["placement"] = {
+            **placement.describe(),
+            "layers": runner.num_layers,
+            "resident_layers": min(runner.resident_layers, runner.num_layers),
+            "layer_onloads": runner.moves,
+        }
+    else:
+        report["placement"] = {"device_map": str(device), "execution_device": str(device)}
     ratios = compute_ratios(model, adapter)
     report.update(
         {
@@ -212,6 +242,8 @@ def compress_to_directory(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     evaluate: Callable[[CompressionResult], dict[str, Any]] | None = None,
+    placement: Placement | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> CompressionResult:
     """Load ``recipe.model``, compress it and write the checkpoint to ``output`` atomically.
 
@@ -219,16 +251,28 @@ def compress_to_directory(
     :func:`~lowrank_kit.calib_cache.default_cache_dir`), so that rerunning an interrupted compression
     resumes where it stopped and writes the same checkpoint. ``evaluate`` scores the compressed model
     before it is saved; what it returns is the report's ``evaluation`` (e.g. the CLI's perplexity).
+    ``placement`` (instead of ``device``): see :func:`compress`; the model is loaded into host memory
+    first. ``max_shard_size``: see :func:`~lowrank_kit.checkpoint.save_compressed`.
     """
 
     t0 = time.perf_counter()
     recipe = resolve_recipe(recipe)  # fail on bad names before any expensive work
+    if placement is not None and device is not None:
+        raise RecipeError("give a device or a placement (device map), not both")
+    placement = placement or as_placement(device or "cpu")
+    parse_memory(max_shard_size, "--max-shard-size")
+    if evaluate is not None and placement.dispatched:
+        raise RecipeError(
+            f"--eval-data scores the model in memory, but --device-map {placement.device_map} leaves the "
+            "compressed model in host memory; evaluate the saved checkpoint with `lowrank eval OUTPUT "
+            "--device-map auto` instead"
+        )
     output = check_output_available(output, overwrite=overwrite)
     cache_dir = _cache_location(cache_dir, use_cache)
     loaded = load_model(
         recipe.model,
         dtype=dtype,
-        device=device or "cpu",
+        device="cpu" if placement.dispatched else placement,
         trust_remote_code=trust_remote_code,
         reporter=reporter,
     )
@@ -238,14 +282,17 @@ def compress_to_directory(
         adapter=loaded.adapter,
         processor=loaded.processor,
         reporter=reporter,
-        device=device,
+        device=None if placement.dispatched else placement.execution_device,
         cache_dir=cache_dir,
+        placement=placement if placement.dispatched else None,
     )
     result.report["model"] = recipe.model
     if evaluate is not None:
         result.report["evaluation"] = evaluate(result)
     result.report["seconds"] = round(time.perf_counter() - t0, 4)
-    result.output = save_compressed(result, output, overwrite=overwrite, source=loaded.path)
+    result.output = save_compressed(
+        result, output, overwrite=overwrite, source=loaded.path, max_shard_size=max_shard_size
+    )
     result.report["output"] = str(result.output)
     return result
 

@@ -50,3 +50,16 @@ def _parse_dtype(name: str | None):
     if name not in table:
         raise unknown_name("dtype", name, ["float32", "float16", "bfloat16"])
     return table[name]
+
+
+def placement_option(
+    device: str | None, device_map: str | None, max_gpu_memory: str | None = None, offload_dir: Any = None
+):
+    """``--device`` (one device, kept for compatibility) or ``--device-map`` with its budget options."""
+    from lowrank_kit.placement import PlacementError, parse_placement
+
+    if device is not None and device_map is not None and device != device_map:
+        raise PlacementError(
+            f"--device {device} and --device-map {device_map} contradict each other; give --device-map only"
+        )
+    return parse_placement(device_map or device or "cpu", max_gpu_memory, offload_dir)

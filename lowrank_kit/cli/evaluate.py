@@ -9,7 +9,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from lowrank_kit.cli.common import _parse_dtype, err_console, out, print_json
+from lowrank_kit.cli.common import _parse_dtype, err_console, out, placement_option, print_json
 
 BACKENDS = ("native", "vlmeval")
 
@@ -34,6 +34,21 @@ O_STYLE = typer.Option(
     "dataset: VLMEvalKit's generic ImageMCQDataset prompt.",
 )
 O_DEVICE = typer.Option("cpu", "--device", help="Device to evaluate on (cpu, cuda, cuda:1).")
+O_EVAL_DEVICE = typer.Option(None, "--device", help="Device to evaluate on (cpu, cuda, cuda:1); default cpu.")
+O_DEVICE_MAP = typer.Option(
+    None,
+    "--device-map",
+    help="cpu, cuda[:N], or auto: spread the model over the GPUs, host memory and --offload-dir "
+    "(accelerate), within --max-gpu-memory per GPU.",
+)
+O_MAX_GPU_MEMORY = typer.Option(
+    None, "--max-gpu-memory", help="With --device-map auto: budget per GPU, e.g. 40GiB."
+)
+O_OFFLOAD_DIR = typer.Option(
+    None,
+    "--offload-dir",
+    help="With --device-map auto: where layers that fit neither GPU nor host memory go.",
+)
 O_DTYPE = typer.Option(None, "--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's).")
 O_NO_CACHE = typer.Option(False, "--no-cache", help="Do not read or write the per-item result cache.")
 O_CACHE_DIR = typer.Option(
@@ -114,7 +129,10 @@ def eval_command(
         help="native (lowrank_kit's batched evaluator) or vlmeval (VLMEvalKit's own inference and exact "
         "matching; needs VLMEvalKit installed from its git repository).",
     ),
-    device: str = O_DEVICE,
+    device: str | None = O_EVAL_DEVICE,
+    device_map: str | None = O_DEVICE_MAP,
+    max_gpu_memory: str | None = O_MAX_GPU_MEMORY,
+    offload_dir: Path | None = O_OFFLOAD_DIR,
     dtype: str | None = O_DTYPE,
     no_cache: bool = O_NO_CACHE,
     cache_dir: Path | None = O_CACHE_DIR,
@@ -139,6 +157,7 @@ def eval_command(
 
         raise unknown_name("backend", backend, BACKENDS)
     torch_dtype = _parse_dtype(dtype)
+    device = placement_option(device, device_map, max_gpu_memory, offload_dir)
     reporter = RichReporter(err_console)
     if data.startswith("text:") or _text_model(model):
         summary = _perplexity(model, data, reference, split, limit, seq_len, batch_size, device, torch_dtype)
@@ -250,7 +269,7 @@ def _perplexity(
     limit: int | None,
     seq_len: int,
     batch_size: int,
-    device: str,
+    device: Any,
     dtype: Any,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` on the evaluation part of the text corpus ``data``."""

@@ -15,7 +15,15 @@ from rich.table import Table
 import lowrank_kit
 from lowrank_kit.cli.bench import bench_app
 from lowrank_kit.cli.bench_speed import speed as _bench_speed  # noqa: F401  (registers `bench speed`)
-from lowrank_kit.cli.common import RATIO_HELP, _Group, _parse_dtype, err_console, out, print_json
+from lowrank_kit.cli.common import (
+    RATIO_HELP,
+    _Group,
+    _parse_dtype,
+    err_console,
+    out,
+    placement_option,
+    print_json,
+)
 from lowrank_kit.cli.evaluate import check_perplexity_options, eval_command, text_perplexity
 from lowrank_kit.cli.testbed import testbed_app
 from lowrank_kit.errors import LowRankError
@@ -220,7 +228,22 @@ def compress(
         None, "--output", "-o", help="Output directory (default: ./<model>-<method>-<ratio>)."
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
-    device: str = typer.Option("cpu", "--device", help="Device to compress on (cpu, cuda, cuda:1)."),
+    device: str | None = typer.Option(
+        None, "--device", help="Device to compress on (cpu, cuda, cuda:1); default cpu. Same as --device-map."
+    ),
+    device_map: str | None = typer.Option(
+        None,
+        "--device-map",
+        help="cpu, cuda[:N] (the whole model there), sequential (model in host memory, one decoder layer at "
+        "a time on the GPU) or auto (as many layers resident on the GPU as --max-gpu-memory allows, the rest "
+        "streamed).",
+    ),
+    max_gpu_memory: str | None = typer.Option(
+        None, "--max-gpu-memory", help="With --device-map auto/sequential: GPU memory budget, e.g. 40GiB."
+    ),
+    max_shard_size: str = typer.Option(
+        "50GB", "--max-shard-size", help="Split the saved weights into files of at most this size."
+    ),
     dtype: str | None = typer.Option(
         None, "--dtype", help="float32, float16 or bfloat16 (default: the checkpoint's)."
     ),
@@ -251,6 +274,8 @@ def compress(
     from lowrank_kit.pipeline import compress_to_directory
     from lowrank_kit.progress import RichReporter
 
+    placement = placement_option(device, device_map, max_gpu_memory)
+
     evaluate = None
     if eval_data is not None:
         evaluate = _perplexity_evaluation(recipe.model, eval_data, eval_seq_len, eval_limit)
@@ -269,11 +294,12 @@ def compress(
         overwrite=overwrite,
         reporter=RichReporter(err_console),
         dtype=torch_dtype,
-        device=device,
         trust_remote_code=trust_remote_code,
         cache_dir=cache_dir,
         use_cache=not no_cache,
         evaluate=evaluate,
+        placement=placement,
+        max_shard_size=max_shard_size,
     )
     report = result.report
     if as_json:

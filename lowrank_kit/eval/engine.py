@@ -43,6 +43,7 @@ from lowrank_kit.errors import LowRankError
 from lowrank_kit.eval.batching import collate
 from lowrank_kit.eval.cache import EvalCache, environment_key, inputs_digest, item_digest
 from lowrank_kit.eval.matching import extract_answer
+from lowrank_kit.placement import input_device
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 
 log = logging.getLogger(__name__)
@@ -353,7 +354,7 @@ def evaluate(
     generation = generation_settings(model, processor, max_new_tokens)
     widest = max(items, key=lambda it: len(it.options))
     tokens = answer_tokens(processor, adapter, widest, len(widest.options), prompt_style=prompt_style)
-    device = next(model.parameters()).device
+    device = input_device(model)
 
     base_key: dict[str, Any] | None = None
     if cache is not None:

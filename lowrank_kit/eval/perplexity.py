@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lowrank_kit.eval.engine import EvaluationError
+from lowrank_kit.placement import input_device
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ _MAX_EXP = math.log(torch.finfo(torch.float64).max)
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)
 
 
 def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

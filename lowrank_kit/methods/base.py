@@ -67,6 +67,9 @@ class DecomposeJob:
     seed: int = 0
     # Optional on-disk cache for expensive calibration products (set by the pipeline when enabled).
     cache: Any = None
+    # A lowrank_kit.sequential.LayerRunner when the model stays in host memory and its decoder layers run
+    # one at a time on ``device`` (--device-map sequential/auto); None: the whole model is on ``device``.
+    runner: Any = None
 
     @property
     def layers(self) -> range:
@@ -120,6 +123,7 @@ class QuantizeJob:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     cache: Any = None
+    runner: Any = None  # as DecomposeJob.runner
 
 
 class Quantizer(ABC):

@@ -23,6 +23,7 @@ pipeline's report (:func:`lowrank_kit.pipeline.compress` times its steps with it
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import sys
 import time
@@ -124,6 +125,33 @@ def answer_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def _forward(model: nn.Module, sample: Any) -> Any:
     moved = sample.to(model_device(model), dtype=model_dtype(model))
     return moved, model(**moved.inputs, use_cache=False)
+
+
+def stream_forward(
+    runner: Any,
+    captured: list,
+    before: Any = None,
+    stage: Stage | None = None,
+    keep_inputs: bool = False,
+) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+    """Every captured sample through every decoder layer, one layer on the device at a time.
+
+    ``before(sample_index)`` runs before each sample enters a layer (the statistics hooks read which
+    sample it is). Returns the last layer's outputs and, with ``keep_inputs``, each layer's inputs in host
+    memory (for the backward pass of :func:`_stream_gradients`)."""
+    hidden = [c.hidden for c in captured]
+    inputs: list[list[torch.Tensor]] = []
+    for index in range(runner.num_layers):
+        if keep_inputs:
+            inputs.append([h.to(runner.host) for h in hidden])
+        with runner.onload(index) as layer:
+            for s, sample in enumerate(captured):
+                if before is not None:
+                    before(s)
+                hidden[s] = runner.run(layer, index, hidden[s], sample)
+        if stage is not None:
+            stage.advance()
+    return hidden, inputs
 
 
 def _token_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -230,12 +258,20 @@ def _input_stats(
         job.projection(layer, probe).register_forward_pre_hook(hook_for(layer)) for layer in job.layers
     ]
     try:
-        with torch.no_grad(), recorder.stage("calibration: activations", total=len(samples)) as st:
-            for sample in samples:
-                mask = sample.inputs.get("attention_mask")
-                current["mask"] = mask
-                _forward(job.model, sample)
-                st.advance()
+        if job.runner is not None:
+            with torch.no_grad(), recorder.stage("calibration: activations", total=len(job.layers)) as st:
+
+                def before(index: int) -> None:
+                    current["mask"] = samples[index].inputs.get("attention_mask")
+
+                stream_forward(job.runner, job.runner.capture(samples, model_dtype(job.model)), before, st)
+        else:
+            with torch.no_grad(), recorder.stage("calibration: activations", total=len(samples)) as st:
+                for sample in samples:
+                    mask = sample.inputs.get("attention_mask")
+                    current["mask"] = mask
+                    _forward(job.model, sample)
+                    st.advance()
     finally:
         for h in handles:
             h.remove()
@@ -371,39 +407,46 @@ def _gradient_stats(
 ) -> GradientStats:
     keys = [(layer, t) for layer in job.layers for t in job.targets]
     params = [job.projection(layer, t).weight for layer, t in keys]
-    index = {key: i for i, key in enumerate(keys)}
     result = GradientStats()
     squares: dict[tuple[int, str], torch.Tensor] = {}
     scale = FP16_LOSS_SCALE if model_dtype(job.model) == torch.float16 else 1.0
-    total_loss = 0.0
-    with (
-        _grads_only_on(job.model, params),
-        recorder.stage("calibration: gradients", total=len(samples)) as st,
-    ):
-        for sample in samples:
-            loss, raw, used_scale = _sample_grads(job.model, sample, params, scale)
-            total_loss += loss
 
-            def grad(key: tuple[int, str], raw=raw, used_scale=used_scale) -> torch.Tensor:
-                g = raw[index[key]].to(job.device, torch.float32)
-                return g if used_scale == 1.0 else g / used_scale
+    def fold(raw: dict[tuple[int, str], torch.Tensor], used_scale: float, layers: Any) -> None:
+        """One sample's gradients of ``layers`` (times ``used_scale``) into the Fisher and importance sums."""
 
-            if fisher:
-                for key in keys:
-                    g = grad(key)
-                    acc = result.fisher.get(key)
-                    result.fisher[key] = g * g if acc is None else acc.addcmul_(g, g)
-            for bkey, basis in bases.items():
-                layer = bkey[0]
-                G = torch.cat([grad((layer, t)) for t in basis.targets], dim=0)
-                spec = basis.spectrum
-                G = G.view(spec.groups, -1, G.shape[-1])
-                # u_iᵀ G S^{-ᵀ} v_i for every i at once: (G · downᵀ) then the column-wise dot with U.
-                proj = (spec.U * (G @ spec.down.transpose(1, 2))).sum(1).double()
-                acc = squares.get(bkey)
-                squares[bkey] = proj * proj if acc is None else acc.addcmul_(proj, proj)
-            del raw
-            st.advance()
+        def grad(key: tuple[int, str]) -> torch.Tensor:
+            g = raw[key].to(job.device, torch.float32)
+            return g if used_scale == 1.0 else g / used_scale
+
+        if fisher:
+            for key in raw:
+                g = grad(key)
+                acc = result.fisher.get(key)
+                result.fisher[key] = g * g if acc is None else acc.addcmul_(g, g)
+        for bkey, basis in bases.items():
+            layer = bkey[0]
+            if layer not in layers:
+                continue
+            G = torch.cat([grad((layer, t)) for t in basis.targets], dim=0)
+            spec = basis.spectrum
+            G = G.view(spec.groups, -1, G.shape[-1])
+            # u_iᵀ G S^{-ᵀ} v_i for every i at once: (G · downᵀ) then the column-wise dot with U.
+            proj = (spec.U * (G @ spec.down.transpose(1, 2))).sum(1).double()
+            acc = squares.get(bkey)
+            squares[bkey] = proj * proj if acc is None else acc.addcmul_(proj, proj)
+
+    with _grads_only_on(job.model, params):
+        if job.runner is not None:
+            total_loss = _stream_gradients(job, recorder, samples, scale, fold)
+        else:
+            total_loss = 0.0
+            with recorder.stage("calibration: gradients", total=len(samples)) as st:
+                for sample in samples:
+                    loss, raw, used_scale = _sample_grads(job.model, sample, params, scale)
+                    total_loss += loss
+                    fold(dict(zip(keys, raw, strict=True)), used_scale, job.layers)
+                    del raw
+                    st.advance()
     n = len(samples)
     for key in result.fisher:
         result.fisher[key].div_(n)
@@ -413,6 +456,75 @@ def _gradient_stats(
     result.samples = n
     result.mean_loss = total_loss / n
     return result
+
+
+def _finite(tensors: Sequence[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _stream_gradients(job: DecomposeJob, recorder: StageRecorder, samples: list, scale: float, fold) -> float:
+    """The gradient pass one decoder layer at a time (layer-wise gradient checkpointing).
+
+    A forward stream keeps each layer's input in host memory; the head gives each sample's loss and the
+    gradient at the last hidden states; then, from the last layer down, each layer is onloaded once,
+    recomputed with gradients for every sample (its q/k/v weight gradients folded at once) and hands the
+    gradient of its input to the layer below. The numbers are the full backward pass's: the same
+    per-layer graph, fed the same upstream gradient. In fp16 the loss scale is per sample and may only
+    halve on the way down (an overflowing layer is redone for that sample alone, at half the scale).
+    """
+    runner = job.runner
+    n = runner.num_layers
+    with torch.no_grad(), recorder.stage("calibration: gradients (forward)", total=n) as st:
+        captured = runner.capture(samples, model_dtype(job.model))
+        hidden, inputs = stream_forward(runner, captured, stage=st, keep_inputs=True)
+    scales = [scale] * len(samples)
+    upstream: list[torch.Tensor | None] = []
+    total = 0.0
+    for s, last in enumerate(hidden):
+        while True:
+            x = last.detach().requires_grad_()
+            with torch.enable_grad():
+                loss = answer_loss(runner.head(x), samples[s].labels)
+                (g,) = torch.autograd.grad(loss * scales[s], x)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise CalibrationError(f"the calibration loss is {value}; the model's outputs are not finite")
+            if _finite([g]):
+                break
+            if scales[s] <= 1.0:
+                raise CalibrationError(
+                    "gradients on the calibration data are not finite even without loss scaling"
+                )
+            scales[s] /= 2.0
+        total += value
+        upstream.append(g)
+    del hidden
+    with recorder.stage("calibration: gradients", total=n) as st:
+        for index in reversed(range(n)):
+            keys = [(index, t) for t in job.targets]
+            with runner.onload(index) as layer:
+                params = [job.projection(index, t).weight for t in job.targets]
+                for s, sample in enumerate(captured):
+                    while True:
+                        x = inputs[index][s].to(runner.device).requires_grad_(index > 0)
+                        wanted = [x, *params] if index > 0 else params
+                        with torch.enable_grad():
+                            out = runner.run(layer, index, x, sample)
+                            grads = torch.autograd.grad(out, wanted, grad_outputs=upstream[s])
+                        del out
+                        if _finite(grads):
+                            break
+                        if scales[s] <= 1.0:
+                            raise CalibrationError(
+                                "gradients on the calibration data are not finite even without loss scaling"
+                            )
+                        scales[s] /= 2.0
+                        upstream[s] = upstream[s] / 2
+                    fold(dict(zip(keys, grads[-len(params) :], strict=True)), scales[s], (index,))
+                    upstream[s] = grads[0] if index > 0 else None
+            inputs[index] = []
+            st.advance()
+    return total
 
 
 # -- calibration loss with replaced weights (sensitivity search) ------------------------------------
@@ -440,6 +552,12 @@ def calibration_loss(
     total = 0.0
     try:
         with torch.no_grad():
+            if job.runner is not None:
+                captured = job.runner.capture(samples, model_dtype(job.model))
+                hidden, _ = stream_forward(job.runner, captured)
+                for last, sample in zip(hidden, samples, strict=True):
+                    total += float(answer_loss(job.runner.head(last), sample.labels))
+                return total / len(samples)
             for sample in samples:
                 moved, out = _forward(job.model, sample)
                 total += float(answer_loss(out.logits, moved.labels))

@@ -335,6 +335,7 @@ class QATQuantizer(Quantizer):
             device=dev,
             seed=job.seed,
             cache=cache,
+            runner=job.runner,
         )
         with _dense_stand_ins(model, adapter, targets):
             grads = collect_gradient_stats(stats_job, recorder, fisher=True, samples=job.calibration)

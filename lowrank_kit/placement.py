@@ -1,0 +1,174 @@
+"""Where a model's weights live and where its layers run: ``--device-map``, ``--max-gpu-memory``,
+``--offload-dir``.
+
+Device maps:
+
+- ``cpu`` / ``cuda`` / ``cuda:N``: the whole model on that device (the in-memory path).
+- ``sequential``: the model stays in host memory; compression runs one decoder layer at a time on the
+  execution device (the first GPU, else the CPU), so GPU memory holds one layer, the embeddings and head,
+  the calibration activations and the statistics (:mod:`lowrank_kit.sequential`). Loading a checkpoint
+  with it streams every decoder layer through accelerate's offload hooks.
+- ``auto``: as much of the model as fits ``--max-gpu-memory`` (default: the free memory of each GPU)
+  stays on the GPUs. Compression keeps the first decoder layers that fit resident and streams the rest
+  (every layer resident when the whole model fits: the in-memory path); loading hands the budget to
+  transformers' ``device_map="auto"`` (accelerate), which spreads the model over every visible GPU, then
+  host memory, then ``--offload-dir`` on disk.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowrank_kit.errors import LowRankError
+
+DEVICE_MAPS = ("auto", "sequential", "cpu", "cuda", "cuda:N")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+class PlacementError(LowRankError):
+    """A device map, memory budget or offload directory that cannot be used."""
+
+
+def parse_memory(text: str | int, what: str = "--max-gpu-memory") -> int:
+    """Bytes from ``"40GiB"``, ``"40GB"``, ``"500MiB"`` or a plain number of bytes."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b|b)?\s*", str(text).lower())
+        if match is None:
+            raise PlacementError(f"{what} {text!r} is not a size; give e.g. 40GiB, 40GB, 512MiB or bytes")
+        value = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+    if value <= 0:
+        raise PlacementError(f"{what} must be positive, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Placement:
+    device_map: str = "cpu"
+    max_gpu_memory: int | None = None  # bytes per GPU
+    offload_dir: Path | None = None
+
+    @property
+    def dispatched(self) -> bool:
+        """``auto`` or ``sequential``: the model is not simply moved to one device."""
+        return self.device_map in ("auto", "sequential")
+
+    @property
+    def execution_device(self) -> torch.device:
+        if self.dispatched:
+            return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device(self.device_map)
+
+    def gpu_budget(self, index: int = 0) -> int | None:
+        """Bytes the model may take on GPU ``index``: the budget, or that GPU's free memory."""
+        if not torch.cuda.is_available():
+            return None
+        free, _ = torch.cuda.mem_get_info(index)
+        return min(free, self.max_gpu_memory) if self.max_gpu_memory is not None else free
+
+    def max_memory(self) -> dict[Any, int] | None:
+        """accelerate's ``max_memory`` for every visible GPU (None: accelerate's own default)."""
+        if self.max_gpu_memory is None or not torch.cuda.is_available():
+            return None
+        return {i: self.max_gpu_memory for i in range(torch.cuda.device_count())}
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device_map": self.device_map,
+            "execution_device": str(self.execution_device),
+            "max_gpu_memory": self.max_gpu_memory,
+            "offload_dir": str(self.offload_dir) if self.offload_dir is not None else None,
+        }
+
+
+def parse_placement(
+    device_map: str | None = "cpu",
+    max_gpu_memory: str | int | None = None,
+    offload_dir: str | Path | None = None,
+) -> Placement:
+    """Check the three options together; one line naming what is wrong and what is valid."""
+    name = (device_map or "cpu").strip().lower()
+    if name not in ("auto", "sequential", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+        raise PlacementError(f"unknown device map {device_map!r}; valid: {', '.join(DEVICE_MAPS)}")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise PlacementError(
+                f"device map {name!r} needs a CUDA GPU and torch sees none; use cpu, or sequential/auto "
+                "(which run on the CPU when there is no GPU)"
+            )
+        index = int(name.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise PlacementError(f"device map {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
+    budget = parse_memory(max_gpu_memory) if max_gpu_memory is not None else None
+    if budget is not None and name not in ("auto", "sequential"):
+        raise PlacementError(
+            f"--max-gpu-memory budgets a spread model; use it with --device-map auto or sequential, not {name!r}"
+        )
+    directory = Path(offload_dir).expanduser() if offload_dir is not None else None
+    if directory is not None:
+        if name != "auto":
+            raise PlacementError(
+                f"--offload-dir holds the layers that fit neither GPU nor host memory under --device-map auto; "
+                f"it does nothing with {name!r}"
+            )
+        if directory.exists() and not directory.is_dir():
+            raise PlacementError(f"--offload-dir {str(directory)!r} is a file; give a directory")
+    return Placement(device_map=name, max_gpu_memory=budget, offload_dir=directory)
+
+
+def as_placement(device: str | torch.device | Placement | None) -> Placement:
+    if isinstance(device, Placement):
+        return device
+    return parse_placement(str(device) if device is not None else "cpu")
+
+
+def from_pretrained_kwargs(placement: Placement) -> dict[str, Any]:
+    """What ``from_pretrained`` needs to spread a model by ``placement`` through accelerate (``auto``);
+    empty for a single device (the caller moves the model). ``sequential`` is a compression mode."""
+    if placement.device_map == "sequential":
+        raise PlacementError(
+            "--device-map sequential runs compression one decoder layer at a time; to load a model larger "
+            "than the GPU use --device-map auto with --max-gpu-memory (and --offload-dir)"
+        )
+    if placement.device_map != "auto":
+        return {}
+    kwargs: dict[str, Any] = {"device_map": "auto"}
+    budget = placement.max_memory()
+    if budget is not None:
+        from accelerate.utils import get_max_memory
+
+        kwargs["max_memory"] = {**budget, "cpu": get_max_memory()["cpu"]}
+    if placement.offload_dir is not None:
+        placement.offload_dir.mkdir(parents=True, exist_ok=True)
+        kwargs["offload_folder"] = str(placement.offload_dir)
+    return kwargs
+
+
+def where_layers_are(model: Any) -> dict[str, int] | None:
+    """How many modules of an accelerate-spread model sit on each device (``hf_device_map``)."""
+    mapping = getattr(model, "hf_device_map", None)
+    if not mapping:
+        return None
+    counts: dict[str, int] = {}
+    for device in mapping.values():
+        counts[str(device)] = counts.get(str(device), 0) + 1
+    return counts
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its first parameter's device, or for a model spread by accelerate the
+    first accelerator in its device map (its hooks move activations between devices from there)."""
+    mapping = getattr(model, "hf_device_map", None)
+    if mapping:
+        for device in mapping.values():
+            if device not in ("cpu", "disk", "meta"):
+                return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        return torch.device("cpu")
+    return next(model.parameters()).device
