@@ -2,8 +2,9 @@
 
 :func:`run_grid` is the one mechanism. It loads the model once, scores it uncompressed (the FP16 entry,
 the reference for the KL column), builds each calibration set once (cells with the same calibration
-recipe see the same samples), and then for each row compresses a fresh copy in memory
-(:func:`lowrank_kit.pipeline.compress`) and scores it on the same data. A row (:class:`GridRow`) is a
+recipe see the same samples), and then for each row compresses the loaded model in place
+(:func:`lowrank_kit.pipeline.compress`), scores it on the same data and puts it back
+(:class:`lowrank_kit.snapshot.ModelSnapshot`): no second copy of the model on its device. A row (:class:`GridRow`) is a
 decomposer at a ratio, a quantization scheme (optionally with the quantizers that run it), or both.
 
 How a model is scored is the grid's *evaluation kind*, chosen once from the data and the model by the
@@ -15,7 +16,7 @@ rule of ``lowrank eval`` (:func:`evaluation_kind`):
 - ``perplexity``: a text corpus (``text:pydoc``, ``text:PATH``, or ``hf:DATASET[:CONFIG]`` for a text-only
   model): perplexity and per-token KL (:func:`lowrank_kit.eval.perplexity.perplexity`) on the corpus's
   evaluation part, cut into windows of ``seq_len`` tokens; the reference is the uncompressed model itself,
-  kept in memory.
+  restored batch by batch while a cell is scored.
 
 Every cell also records the decode layout its method produced (:func:`decode_layout`).
 
@@ -34,7 +35,6 @@ layout), the same cells sorted by ρ2, and perplexity against ρ1 and against ρ
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -68,6 +68,7 @@ from lowrank_kit.progress import NULL_REPORTER, Reporter
 from lowrank_kit.ratios import kv_projections
 from lowrank_kit.recipe import Recipe, recipe_from_flags, resolve_recipe
 from lowrank_kit.registry import get_registry
+from lowrank_kit.snapshot import ModelSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -324,14 +325,15 @@ class _MultipleChoice:
         self.reference = _fp16_reference(entry)
         return True
 
-    def score(self, model: nn.Module, name: str) -> dict[str, Any]:
+    def score(self, model: nn.Module, name: str, original: Any = None) -> dict[str, Any]:
         return _summary(self._evaluate(model, name, reference=self.reference))
 
 
 class _Perplexity:
     """Perplexity and per-token KL on the evaluation part of a text corpus, in windows of ``seq_len``
-    tokens (``limit``: the first windows only). The reference is the uncompressed model in memory, so
-    the FP16 entry needs no per-item results. The methods are those of :class:`_MultipleChoice`."""
+    tokens (``limit``: the first windows only). The reference is the uncompressed model, put back into
+    its original state batch by batch (the cell compresses it in place), so the FP16 entry needs no
+    per-item results. The methods are those of :class:`_MultipleChoice`."""
 
     kind = PERPLEXITY
 
@@ -358,14 +360,18 @@ class _Perplexity:
         text = corpus_text(self.corpus, "evaluation", split=self.spec.split)
         self.windows = token_windows(loaded.processor, text, self.spec.seq_len, max_windows=self.spec.limit)
         self.n = self.windows.shape[0]
-        self.reference = loaded.model  # cells compress copies: this one stays uncompressed
+        self.reference = loaded.model  # scored before any cell compresses it
         windows = hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()
         return key_digest({"data": self.spec.data, "split": self.spec.split, "windows": windows})
 
-    def _perplexity(self, model: nn.Module, reference: nn.Module | None) -> dict[str, Any]:
+    def _perplexity(self, model: nn.Module, original: Any) -> dict[str, Any]:
         t0 = time.perf_counter()
         result = perplexity(
-            model, self.windows, batch_size=self.spec.batch_size, reference=reference, reporter=self.reporter
+            model,
+            self.windows,
+            batch_size=self.spec.batch_size,
+            reference_state=original,
+            reporter=self.reporter,
         )
         return {**result, "seconds": round(time.perf_counter() - t0, 3)}
 
@@ -375,8 +381,9 @@ class _Perplexity:
     def reuse_reference(self, entry: dict[str, Any]) -> bool:
         return True
 
-    def score(self, model: nn.Module, name: str) -> dict[str, Any]:
-        return self._perplexity(model, self.reference)
+    def score(self, model: nn.Module, name: str, original: Any = None) -> dict[str, Any]:
+        """``original``: a context in which ``model`` is the uncompressed reference again."""
+        return self._perplexity(model, original)
 
 
 def _evaluation(spec: GridSpec, reporter: Reporter, cache: EvalCache | None) -> _MultipleChoice | _Perplexity:
@@ -522,26 +529,33 @@ def run_grid(
                         recipe.calibration, loaded.processor, loaded.adapter, reporter=reporter
                     )
                 calibration = calibrations[calib_key]
-            model = copy.deepcopy(loaded.model)
-            t_cell = time.perf_counter()
-            compressed = compress(
-                model,
-                recipe,
-                adapter=loaded.adapter,
-                processor=loaded.processor,
-                calibration=calibration,
-                reporter=reporter,
-                device=spec.device,
-                cache_dir=calib_cache_dir,
-            )
-            compress_seconds = time.perf_counter() - t_cell
-            layout = decode_layout(model, loaded.adapter)
-            scores = evaluation.score(model, key)
+            # The cell compresses the loaded model in place and puts it back afterwards: no second copy
+            # on the device (quantizers rewrite tensors in place, so their original values wait in host
+            # memory; decomposers only swap modules).
+            model = loaded.model
+            snapshot = ModelSnapshot(model, keep_values=bool(recipe.quantize))
+            try:
+                t_cell = time.perf_counter()
+                compressed = compress(
+                    model,
+                    recipe,
+                    adapter=loaded.adapter,
+                    processor=loaded.processor,
+                    calibration=calibration,
+                    reporter=reporter,
+                    device=spec.device,
+                    cache_dir=calib_cache_dir,
+                )
+                compress_seconds = time.perf_counter() - t_cell
+                layout = decode_layout(model, loaded.adapter)
+                scores = evaluation.score(model, key, original=snapshot.original)
+            finally:
+                snapshot.restore()
             results["cells"][key] = {
                 "fingerprint": fingerprint,
                 **_cell(rows[key], compressed.report, layout, scores, compress_seconds),
             }
-            del model, compressed
+            del compressed, snapshot
             results_file.save(results)
             grid.advance()
 

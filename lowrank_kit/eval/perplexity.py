@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -49,14 +51,19 @@ def perplexity(
     *,
     batch_size: int = 4,
     reference: nn.Module | None = None,
+    reference_state: Callable[[], AbstractContextManager] | None = None,
     reporter: Reporter = NULL_REPORTER,
 ) -> dict[str, Any]:
     """Perplexity of ``model`` over ``windows`` (``[n, T]`` token ids), ``batch_size`` windows a pass.
 
     Returns ``{"perplexity", "nll", "tokens", "windows", "kl"}``: ``tokens`` is the number of predicted
     tokens, ``n * (T - 1)``; ``kl`` is None without a ``reference``. Models are used as they are (put them
-    in eval mode: dropout would make the numbers random).
+    in eval mode: dropout would make the numbers random). ``reference_state`` instead of ``reference``:
+    a context in which ``model`` itself is the reference (a model compressed in place, with
+    :meth:`lowrank_kit.snapshot.ModelSnapshot.original`), so no second model is held.
     """
+    if reference is not None and reference_state is not None:
+        raise EvaluationError("give perplexity() a reference model or a reference state, not both")
     if windows.dim() != 2 or windows.dtype != torch.long:
         raise EvaluationError(
             f"perplexity needs token windows as a [n, T] long tensor, got {windows.dtype} of shape "
@@ -80,7 +87,12 @@ def perplexity(
         for start in range(0, n, batch_size):
             ids = windows[start : start + batch_size].to(device)
             logits = _logits(model, ids)
-            ref_logits = _logits(reference, ids).to(device) if reference is not None else None
+            ref_logits = None
+            if reference is not None:
+                ref_logits = _logits(reference, ids).to(device)
+            elif reference_state is not None:
+                with reference_state():
+                    ref_logits = _logits(model, ids)
             # One row at a time in float32: [T - 1, vocab] instead of [batch, T - 1, vocab].
             for row in range(ids.shape[0]):
                 logp = _log_softmax(logits[row])
@@ -99,5 +111,5 @@ def perplexity(
         "nll": nll,
         "tokens": tokens,
         "windows": n,
-        "kl": float(kl_sum) / tokens if reference is not None else None,
+        "kl": float(kl_sum) / tokens if reference is not None or reference_state is not None else None,
     }

@@ -15,9 +15,9 @@ from lowrank_kit.models.tiny import build_tiny_model, save_tiny_checkpoint, tiny
 from lowrank_kit.placement import PlacementError, parse_memory, parse_placement
 
 
-def compress_with(family, method, device_map=None):
+def compress_with(family, method, device_map=None, quant=None):
     model = build_tiny_model(family, seed=0)
-    recipe = lowrank_kit.recipe_from_flags(model=family, method=method, ratio=0.6)
+    recipe = lowrank_kit.recipe_from_flags(model=family, method=method, ratio=0.6, quant=quant)
     placement = parse_placement(device_map) if device_map else None
     return lowrank_kit.compress(model, recipe, calibration=samples_for(model, n=3), placement=placement)
 
@@ -53,6 +53,17 @@ def test_layer_by_layer_compression_writes_the_in_memory_checkpoint(family, meth
             assert any(s["stage"] == "calibration: gradients (forward)" for s in decompose["stages"]), stages
         save_compressed(result, tmp_path / device_map)
         assert_same_tensors(tensors(tmp_path / device_map), want)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3"])
+def test_layer_by_layer_quantization_writes_the_in_memory_checkpoint(family, tmp_path):
+    # w8a8-kv8-qat after wsvd: Hadamard folding, then QAT's own Fisher pass on the compressed model, streamed.
+    reference = compress_with(family, "wsvd", quant="w8a8-kv8-qat")
+    assert "qat" in reference.report["quantize"]["methods"]
+    save_compressed(reference, tmp_path / "memory")
+    result = compress_with(family, "wsvd", "sequential", quant="w8a8-kv8-qat")
+    save_compressed(result, tmp_path / "sequential")
+    assert_same_tensors(tensors(tmp_path / "sequential"), tensors(tmp_path / "memory"))
 
 
 def test_streamed_statistics_read_each_layers_own_arguments():
