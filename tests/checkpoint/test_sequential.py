@@ -68,15 +68,14 @@ def test_layer_by_layer_quantization_writes_the_in_memory_checkpoint(family, tmp
 
 def test_streamed_statistics_read_each_layers_own_arguments():
     # Qwen2 with sliding-window layers: each layer gets its own mask, which capturing layer 0's would miss.
+    import transformers
+
     from lowrank_kit.methods.stats import StageRecorder, collect_input_stats
+    from lowrank_kit.models.tiny import tiny_config
     from lowrank_kit.pipeline import DecomposeJob
     from lowrank_kit.progress import NULL_REPORTER
     from lowrank_kit.registry import adapter_for_config
     from lowrank_kit.sequential import LayerRunner
-
-    import transformers
-
-    from lowrank_kit.models.tiny import tiny_config
 
     config = tiny_config("qwen2")
     config.use_sliding_window, config.sliding_window = True, 4

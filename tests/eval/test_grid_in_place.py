@@ -15,7 +15,7 @@ from lowrank_kit.models.tiny import _tiny_tokenizer, build_tiny_model, save_tiny
 from lowrank_kit.snapshot import ModelSnapshot
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "checkpoint"))
-from ckpt_helpers import greedy, samples_for  # noqa: E402
+from ckpt_helpers import greedy, samples_for
 
 
 @pytest.fixture(scope="module")
