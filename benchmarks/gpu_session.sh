@@ -4,7 +4,7 @@
 # the decode-attention shape grid, and the testbed's quantization table on the GPU. Results land
 # in $OUT (JSON, test logs); copy them into benchmarks/results/ and commit them.
 #
-#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests int_tests int_sweep int_linears int_linear e2e_w8 e2e_long target sweep occupancy gqa_sweep e2e profile_graph grid grid_full grid_full_llava grid_full_qwen quant]
+#   OUT=/tmp/gpu CARD=h100 bash benchmarks/gpu_session.sh [tests kernel_tests runtime_tests seq_tests large_34b large_13b int_tests int_sweep int_linears int_linear e2e_w8 e2e_long target sweep occupancy gqa_sweep e2e profile_graph grid grid_full grid_full_llava grid_full_qwen quant]
 #   (default: tests e2e grid quant; CARD names the output files)
 #
 # The device image has torch/triton/transformers but not pydantic: wheels for its Python carried in
@@ -63,6 +63,15 @@ for p in "${parts[@]}"; do
     int_tests)  # integer linears: compiled Triton kernel and _int_mm against the naive twin; a W8A8 model on GPU
       step int_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/kernels/test_int_linear_gpu.py \
         tests/kernels/test_int_linear.py tests/checkpoint/test_int_memory.py ;;
+    seq_tests)  # layer-by-layer compression streaming real layers to the GPU
+      step seq_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/checkpoint/test_sequential_gpu.py \
+        tests/checkpoint/test_sequential.py ;;
+    large_34b)  # a LLaVA-NeXT-34B-shaped model compressed under an 80 GiB cap, layer by layer
+      step compress_large_34b 590 python3 benchmarks/compress_large.py --shape llava-next-34b --gpu-cap 80 \
+        --output "$OUT/compress_large_llava-next-34b_wsvd_$CARD.json" ;;
+    large_13b)  # a LLaVA-NeXT-13B-shaped model under a 40 GiB cap, as many layers resident as fit
+      step compress_large_13b 590 python3 benchmarks/compress_large.py --shape llava-next-13b --gpu-cap 40 \
+        --device-map auto --output "$OUT/compress_large_llava-next-13b_wsvd_$CARD.json" ;;
     int_sweep)  # launch shapes of the Triton integer kernel at 8 rows (unswapped and swapped operands)
       step int_sweep 420 python3 benchmarks/int_linear.py --parts sweep --iters 30 --output "$OUT/int_linear_sweep_$CARD.json" ;;
     int_linears)  # backends per layer shape and row count only (no memory part)
@@ -109,7 +118,7 @@ for p in "${parts[@]}"; do
     quant)
       step quant_accuracy 420 python3 benchmarks/quant_accuracy.py --model testbed --data testbed --device cuda \
         --output "$OUT/quant_accuracy_testbed_$CARD.json" --table "$OUT/quant_accuracy_table.md" ;;
-    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, int_tests, int_sweep, int_linears, int_linear, e2e_w8, e2e_long, target, sweep, occupancy, gqa_sweep, e2e, profile_graph, grid, grid_full, grid_full_llava, grid_full_qwen, quant)"; exit 2 ;;
+    *) echo "unknown part '$p' (tests, kernel_tests, runtime_tests, seq_tests, large_34b, large_13b, int_tests, int_sweep, int_linears, int_linear, e2e_w8, e2e_long, target, sweep, occupancy, gqa_sweep, e2e, profile_graph, grid, grid_full, grid_full_llava, grid_full_qwen, quant)"; exit 2 ;;
   esac
 done
 exit $status

@@ -155,17 +155,26 @@ class LayerRunner:
 
     @contextlib.contextmanager
     def onload(self, index: int) -> Iterator[nn.Module]:
-        """Decoder layer ``index`` on the execution device for the body of the ``with``."""
+        """Decoder layer ``index`` on the execution device for the body of the ``with``.
+
+        Calibration never writes to a layer's tensors, so offloading copies nothing back: each parameter
+        and buffer simply points at its host tensor again and the device copy is freed."""
         layer = self.layers[index]
         resident = index < self.resident_layers or self.device == self.host
-        if not resident:
-            layer.to(self.device)
-            self.moves += 1
+        if resident:
+            yield layer
+            return
+        params = [(p, p.data) for p in layer.parameters()]
+        buffers = [(m, name, b) for m in layer.modules() for name, b in m._buffers.items() if b is not None]
+        layer.to(self.device)
+        self.moves += 1
         try:
             yield layer
         finally:
-            if not resident:
-                layer.to(self.host)
+            for param, data in params:
+                param.data = data
+            for module, name, buf in buffers:
+                module._buffers[name] = buf
 
     def run(self, layer: nn.Module, index: int, hidden: torch.Tensor, inputs: SampleInputs) -> torch.Tensor:
         args, kwargs = inputs.layer_args[index]
@@ -188,7 +197,8 @@ def resident_layers(model: nn.Module, adapter: ModelAdapter, placement: Any) -> 
 
     ``sequential``: none. ``auto`` without a GPU: all (the host is the execution device). ``auto`` on a
     GPU: as many as fit its budget after the modules outside the decoder, one streamed layer, the
-    per-layer fp32 statistics (a Gram matrix of the hidden size per layer) and 2 GiB of workspace.
+    per-layer fp32 statistics the calibrated methods may hold at once (a Gram matrix of the hidden size
+    and a Fisher matrix of q/k/v per layer) and 2 GiB of workspace.
     """
     layers = adapter.decoder_layers(model)
     if placement.device_map == "sequential":
@@ -199,7 +209,8 @@ def resident_layers(model: nn.Module, adapter: ModelAdapter, placement: Any) -> 
     sizes = [_bytes(layer.parameters()) + _bytes(layer.buffers()) for layer in layers]
     outside = _bytes(model.parameters()) + _bytes(model.buffers()) - sum(sizes)
     hidden = adapter.get_projection(model, 0, "q_proj").weight.shape[-1]
-    reserve = max(sizes) + len(layers) * hidden * hidden * 4 + 2 * 2**30
+    qkv = sum(adapter.get_projection(model, 0, t).weight.numel() for t in ("q_proj", "k_proj", "v_proj"))
+    reserve = max(sizes) + len(layers) * (hidden * hidden + qkv) * 4 + 2 * 2**30
     room = placement.gpu_budget(device.index or 0) - outside - reserve
     count = 0
     for size in sizes:
