@@ -61,16 +61,16 @@ for p in "${parts[@]}"; do
     runtime_tests)
       step runtime_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/runtime/test_generate_gpu.py ;;
     int_tests)  # integer linears: compiled Triton kernel and _int_mm against the naive twin; a W8A8 model on GPU
-      step int_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/kernels/test_int_linear_gpu.py \
+      step int_tests 150 python3 -m pytest -q -p no:cacheprovider -rfEs tests/kernels/test_int_linear_gpu.py \
         tests/kernels/test_int_linear.py tests/checkpoint/test_int_memory.py ;;
     seq_tests)  # layer-by-layer compression streaming real layers to the GPU
-      step seq_tests 240 python3 -m pytest -q -p no:cacheprovider -rfEs tests/checkpoint/test_sequential_gpu.py \
+      step seq_tests 150 python3 -m pytest -q -p no:cacheprovider -rfEs tests/checkpoint/test_sequential_gpu.py \
         tests/checkpoint/test_sequential.py ;;
     large_34b)  # a LLaVA-NeXT-34B-shaped model compressed under an 80 GiB cap, layer by layer
       step compress_large_34b 590 python3 benchmarks/compress_large.py --shape llava-next-34b --gpu-cap 80 \
         --output "$OUT/compress_large_llava-next-34b_wsvd_$CARD.json" ;;
     large_13b)  # a LLaVA-NeXT-13B-shaped model under a 40 GiB cap, as many layers resident as fit
-      step compress_large_13b 590 python3 benchmarks/compress_large.py --shape llava-next-13b --gpu-cap 40 \
+      step compress_large_13b 420 python3 benchmarks/compress_large.py --shape llava-next-13b --gpu-cap 40 \
         --device-map auto --output "$OUT/compress_large_llava-next-13b_wsvd_$CARD.json" ;;
     int_sweep)  # launch shapes of the Triton integer kernel at 8 rows (unswapped and swapped operands)
       step int_sweep 420 python3 benchmarks/int_linear.py --parts sweep --iters 30 --output "$OUT/int_linear_sweep_$CARD.json" ;;

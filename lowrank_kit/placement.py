@@ -95,7 +95,10 @@ def parse_placement(
 ) -> Placement:
     """Check the three options together; one line naming what is wrong and what is valid."""
     name = (device_map or "cpu").strip().lower()
-    if name not in ("auto", "sequential", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", name):
+    # meta builds shapes only (parameter counts); mps is Apple's GPU.
+    if name not in ("auto", "sequential", "cpu", "cuda", "meta", "mps") and not re.fullmatch(
+        r"cuda:\d+", name
+    ):
         raise PlacementError(f"unknown device map {device_map!r}; valid: {', '.join(DEVICE_MAPS)}")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
