@@ -67,8 +67,8 @@ for p in "${parts[@]}"; do
       step seq_tests 150 python3 -m pytest -q -p no:cacheprovider -rfEs tests/checkpoint/test_sequential_gpu.py \
         tests/checkpoint/test_sequential.py ;;
     large_34b)  # a LLaVA-NeXT-34B-shaped model compressed under an 80 GiB cap, layer by layer
-      step compress_large_34b 590 python3 benchmarks/compress_large.py --shape llava-next-34b --gpu-cap 80 \
-        --output "$OUT/compress_large_llava-next-34b_wsvd_$CARD.json" ;;
+      step compress_large_34b "${LARGE_LIMIT:-590}" python3 benchmarks/compress_large.py --shape llava-next-34b \
+        --gpu-cap 80 --samples "${LARGE_SAMPLES:-16}" --output "$OUT/compress_large_llava-next-34b_wsvd_$CARD.json" ;;
     large_13b)  # a LLaVA-NeXT-13B-shaped model under a 40 GiB cap, as many layers resident as fit
       step compress_large_13b 420 python3 benchmarks/compress_large.py --shape llava-next-13b --gpu-cap 40 \
         --device-map auto --output "$OUT/compress_large_llava-next-13b_wsvd_$CARD.json" ;;

@@ -54,6 +54,7 @@ class Placement:
     device_map: str = "cpu"
     max_gpu_memory: int | None = None  # bytes per GPU
     offload_dir: Path | None = None
+    execution: str | None = None  # where spread layers run (default: the first GPU, else the CPU)
 
     @property
     def dispatched(self) -> bool:
@@ -63,6 +64,8 @@ class Placement:
     @property
     def execution_device(self) -> torch.device:
         if self.dispatched:
+            if self.execution is not None:
+                return torch.device(self.execution)
             return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         return torch.device(self.device_map)
 
@@ -92,9 +95,17 @@ def parse_placement(
     device_map: str | None = "cpu",
     max_gpu_memory: str | int | None = None,
     offload_dir: str | Path | None = None,
+    execution_device: str | None = None,
 ) -> Placement:
-    """Check the three options together; one line naming what is wrong and what is valid."""
+    """Check the options together; one line naming what is wrong and what is valid.
+    ``execution_device``: with ``sequential``/``auto``, the device the layers run on."""
     name = (device_map or "cpu").strip().lower()
+    if execution_device is not None:
+        if name not in ("auto", "sequential"):
+            raise PlacementError(
+                f"an execution device ({execution_device}) goes with --device-map auto or sequential, not {name!r}"
+            )
+        parse_placement(execution_device)  # a valid single device
     # meta builds shapes only (parameter counts); mps is Apple's GPU.
     if name not in ("auto", "sequential", "cpu", "cuda", "meta", "mps") and not re.fullmatch(
         r"cuda:\d+", name
@@ -123,7 +134,8 @@ def parse_placement(
             )
         if directory.exists() and not directory.is_dir():
             raise PlacementError(f"--offload-dir {str(directory)!r} is a file; give a directory")
-    return Placement(device_map=name, max_gpu_memory=budget, offload_dir=directory)
+    execution = str(torch.device(execution_device)) if execution_device is not None else None
+    return Placement(device_map=name, max_gpu_memory=budget, offload_dir=directory, execution=execution)
 
 
 def as_placement(device: str | torch.device | Placement | None) -> Placement:

@@ -55,11 +55,14 @@ def _parse_dtype(name: str | None):
 def placement_option(
     device: str | None, device_map: str | None, max_gpu_memory: str | None = None, offload_dir: Any = None
 ):
-    """``--device`` (one device, kept for compatibility) or ``--device-map`` with its budget options."""
+    """``--device`` alone (one device), or ``--device-map`` with its budget options; with ``sequential`` or
+    ``auto``, ``--device`` names the device the layers run on (default: the first GPU)."""
     from lowrank_kit.placement import PlacementError, parse_placement
 
-    if device is not None and device_map is not None and device != device_map:
+    spread = device_map is not None and device_map.strip().lower() in ("auto", "sequential")
+    if device is not None and device_map is not None and not spread and device != device_map:
         raise PlacementError(
             f"--device {device} and --device-map {device_map} contradict each other; give --device-map only"
         )
-    return parse_placement(device_map or device or "cpu", max_gpu_memory, offload_dir)
+    execution = device if spread else None
+    return parse_placement(device_map or device or "cpu", max_gpu_memory, offload_dir, execution)

@@ -229,7 +229,10 @@ def compress(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     device: str | None = typer.Option(
-        None, "--device", help="Device to compress on (cpu, cuda, cuda:1); default cpu. Same as --device-map."
+        None,
+        "--device",
+        help="Device to compress on (cpu, cuda, cuda:1); default cpu. With --device-map sequential/auto: the "
+        "device the layers run on (default: the first GPU).",
     ),
     device_map: str | None = typer.Option(
         None,

@@ -18,7 +18,8 @@ from lowrank_kit.placement import PlacementError, parse_memory, parse_placement
 def compress_with(family, method, device_map=None, quant=None):
     model = build_tiny_model(family, seed=0)
     recipe = lowrank_kit.recipe_from_flags(model=family, method=method, ratio=0.6, quant=quant)
-    placement = parse_placement(device_map) if device_map else None
+    # The in-memory reference runs on the CPU, so the layers do too (on a GPU machine as well).
+    placement = parse_placement(device_map, execution_device="cpu") if device_map else None
     return lowrank_kit.compress(model, recipe, calibration=samples_for(model, n=3), placement=placement)
 
 
@@ -183,6 +184,8 @@ def test_load_with_device_map_auto_offloads_to_disk(tmp_path, monkeypatch):
         ({"device_map": "auto", "max_gpu_memory": "lots"}, "'lots' is not a size"),
         ({"device_map": "auto", "max_gpu_memory": "0GB"}, "must be positive"),
         ({"device_map": "sequential", "offload_dir": "x"}, "--offload-dir holds the layers"),
+        ({"device_map": "cpu", "execution_device": "cpu"}, "goes with --device-map auto or sequential"),
+        ({"device_map": "auto", "execution_device": "tpu"}, "unknown device map 'tpu'"),
     ],
 )
 def test_bad_placements_fail_in_one_line(args, message):
@@ -204,7 +207,8 @@ def test_cli_sequential_compress_writes_the_same_checkpoint(tmp_path):
 
     from lowrank_kit.cli.main import app
 
-    for name, extra in (("cpu", []), ("seq", ["--device-map", "sequential", "--max-shard-size", "40kB"])):
+    seq = ["--device", "cpu", "--device-map", "sequential", "--max-shard-size", "40kB"]
+    for name, extra in (("cpu", ["--device", "cpu"]), ("seq", seq)):
         res = runner.invoke(app, [str(a) for a in [*common, "--output", tmp_path / name, *extra]])
         assert res.exit_code == 0, res.output
     assert len(weight_files(tmp_path / "seq")) > 1
@@ -216,7 +220,7 @@ def test_cli_sequential_compress_writes_the_same_checkpoint(tmp_path):
 def test_cli_placement_errors(tmp_path):
     src = save_tiny_checkpoint("llama", tmp_path / "tiny")
     base = ["compress", "--model", src, "--method", "svd", "--ratio", "0.6", "--output", tmp_path / "o"]
-    assert "contradict" in fails(*base, "--device", "cpu", "--device-map", "auto")
+    assert "contradict" in fails(*base, "--device", "cpu", "--device-map", "cuda")
     assert "unknown device map" in fails(*base, "--device-map", "everywhere")
     assert "--max-shard-size" in fails(*base, "--max-shard-size", "big")
     assert "--eval-data scores the model in memory" in fails(
