@@ -38,7 +38,7 @@ from lowrank_kit.models.base import ModelAdapter
 from lowrank_kit.models.classes import model_class_for
 from lowrank_kit.models.packaged import PACKAGED, ensure_packaged, packaged_alias_of
 from lowrank_kit.models.presets import PRESETS, build_random_model, preset_config
-from lowrank_kit.placement import Placement, as_placement, from_pretrained_kwargs
+from lowrank_kit.placement import Placement, as_placement, from_pretrained_kwargs, resolve_placement
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 from lowrank_kit.registry import adapter_for_config, get_adapter
 from lowrank_kit.runtime import enable_latent_decode
@@ -355,6 +355,9 @@ def load(
     trust_remote_code: bool = False,
     latent_decode: bool = False,
     cuda_graph: bool = False,
+    device_map: str | None = None,
+    max_gpu_memory: str | int | None = None,
+    offload_dir: str | Path | None = None,
 ):
     """Load a compressed checkpoint; returns a :class:`LoadedModel`.
 
@@ -363,10 +366,16 @@ def load(
     ``latent_decode=True`` also runs :func:`lowrank_kit.runtime.enable_latent_decode` on it, so that
     ``generate`` caches latents (the checkpoint's K and V must be low-rank); ``cuda_graph=True`` (with
     it) makes ``generate``'s decode steps replay a CUDA graph (:mod:`lowrank_kit.runtime.graph`).
-    ``device`` may be a :class:`~lowrank_kit.placement.Placement`: ``auto`` spreads the model over the GPUs,
-    host memory and an offload directory through accelerate (``model.hf_device_map`` says where).
+    ``device_map="auto"`` (with ``max_gpu_memory`` per GPU, e.g. ``"40GiB"``, and ``offload_dir``) spreads
+    the model over the GPUs, host memory and disk through accelerate (``model.hf_device_map`` says where);
+    ``device`` may also be a :class:`~lowrank_kit.placement.Placement`.
     """
-    placement = as_placement(device)
+    if device_map is not None or max_gpu_memory is not None or offload_dir is not None:
+        placement = resolve_placement(
+            None if device == "cpu" else device, device_map, max_gpu_memory, offload_dir
+        )
+    else:
+        placement = as_placement(device)
     spread = from_pretrained_kwargs(placement)
     p = Path(path).expanduser()
     if not p.exists():

@@ -28,7 +28,7 @@ from lowrank_kit.loading import load_model, model_calibration_context
 from lowrank_kit.methods.base import DecomposeJob, QuantizeJob
 from lowrank_kit.methods.stats import StageRecorder
 from lowrank_kit.models.base import ModelAdapter
-from lowrank_kit.placement import Placement, as_placement, parse_memory
+from lowrank_kit.placement import Placement, as_placement, parse_memory, resolve_placement
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 from lowrank_kit.quant.report import cache_report, logical_parameters
 from lowrank_kit.quant.schemes import resolve_scheme
@@ -82,12 +82,15 @@ def compress(
     device: torch.device | str | None = None,
     cache_dir: str | Path | None = None,
     placement: Placement | None = None,
+    device_map: str | None = None,
+    max_gpu_memory: str | int | None = None,
 ) -> CompressionResult:
     """Compress ``model`` in place by the steps of ``recipe`` and return it with a report.
 
     ``placement`` with device map ``sequential`` or ``auto`` keeps the model in host memory and runs its
     decoder layers one at a time on the execution device (:mod:`lowrank_kit.sequential`); ``auto`` keeps
     as many layers resident there as fit the GPU budget. The compressed model is returned in host memory.
+    ``device_map`` / ``max_gpu_memory`` build that placement (``device`` is then where layers run).
 
     ``calibration`` (a list of :class:`~lowrank_kit.data.calibration.CalibrationSample`) is built from the
     recipe's calibration spec when a step needs it and none is given (this needs ``processor``).
@@ -107,6 +110,22 @@ def compress(
     context = model_calibration_context(model.config, getattr(model.config, "_name_or_path", "") or "")
     calibration_spec = resolve_calibration(recipe.calibration, **context)
     recipe = recipe.model_copy(update={"calibration": calibration_spec})
+    if device_map is not None or max_gpu_memory is not None:
+        if placement is not None:
+            raise RecipeError("give compress() a placement or device_map/max_gpu_memory, not both")
+        placement = resolve_placement(device, device_map, max_gpu_memory)
+        device = None if placement.dispatched else placement.execution_device
+    if placement is not None and placement.offload_dir is not None:
+        raise RecipeError(
+            "compression keeps the model in host memory and streams its layers (--device-map sequential/auto); "
+            "an offload directory applies to loading a checkpoint, not to compress()"
+        )
+    offloaded = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if offloaded:
+        raise RecipeError(
+            f"the model has weights on the meta device ({offloaded[0]}, ...), e.g. offloaded by accelerate; "
+            "load it into host memory and compress with device_map='sequential' or 'auto' instead"
+        )
     runner = None
     if placement is not None and placement.dispatched:
         device = placement.execution_device

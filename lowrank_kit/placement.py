@@ -138,6 +138,27 @@ def parse_placement(
     return Placement(device_map=name, max_gpu_memory=budget, offload_dir=directory, execution=execution)
 
 
+def resolve_placement(
+    device: str | torch.device | None = None,
+    device_map: str | None = None,
+    max_gpu_memory: str | int | None = None,
+    offload_dir: str | Path | None = None,
+) -> Placement:
+    """``device`` alone (one device), or ``device_map`` with its budget options; with ``sequential`` or
+    ``auto``, ``device`` names the device the layers run on (default: the first GPU)."""
+    spread = device_map is not None and device_map.strip().lower() in ("auto", "sequential")
+    device = str(device) if device is not None else None
+    if device is not None and device_map is not None and not spread and device != device_map:
+        raise PlacementError(
+            f"--device {device} and --device-map {device_map} contradict each other; give --device-map only"
+        )
+    if device_map is None and (max_gpu_memory is not None or offload_dir is not None):
+        raise PlacementError("--max-gpu-memory and --offload-dir go with --device-map auto (or sequential)")
+    return parse_placement(
+        device_map or device or "cpu", max_gpu_memory, offload_dir, device if spread else None
+    )
+
+
 def as_placement(device: str | torch.device | Placement | None) -> Placement:
     if isinstance(device, Placement):
         return device

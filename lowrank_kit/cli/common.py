@@ -55,14 +55,7 @@ def _parse_dtype(name: str | None):
 def placement_option(
     device: str | None, device_map: str | None, max_gpu_memory: str | None = None, offload_dir: Any = None
 ):
-    """``--device`` alone (one device), or ``--device-map`` with its budget options; with ``sequential`` or
-    ``auto``, ``--device`` names the device the layers run on (default: the first GPU)."""
-    from lowrank_kit.placement import PlacementError, parse_placement
+    """The CLI's ``--device`` / ``--device-map`` / ``--max-gpu-memory`` / ``--offload-dir``."""
+    from lowrank_kit.placement import resolve_placement
 
-    spread = device_map is not None and device_map.strip().lower() in ("auto", "sequential")
-    if device is not None and device_map is not None and not spread and device != device_map:
-        raise PlacementError(
-            f"--device {device} and --device-map {device_map} contradict each other; give --device-map only"
-        )
-    execution = device if spread else None
-    return parse_placement(device_map or device or "cpu", max_gpu_memory, offload_dir, execution)
+    return resolve_placement(device, device_map, max_gpu_memory, offload_dir)

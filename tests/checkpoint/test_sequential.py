@@ -229,3 +229,27 @@ def test_cli_placement_errors(tmp_path):
     assert not (tmp_path / "o").exists()
     with pytest.raises(PlacementError, match="compression one decoder layer at a time"):
         lowrank_kit.load(tmp_path / "tiny", device=parse_placement("sequential"))
+
+
+def test_keyword_api_and_what_compress_refuses(tmp_path):
+    model = build_tiny_model("llama", seed=0)
+    recipe = lowrank_kit.recipe_from_flags(model="llama", method="svdllm", ratio=0.6)
+    result = lowrank_kit.compress(
+        model, recipe, calibration=samples_for(model, n=3), device="cpu", device_map="sequential"
+    )
+    assert result.report["placement"]["device_map"] == "sequential"
+    assert result.report["placement"]["execution_device"] == "cpu"
+    out = save_compressed(result, tmp_path / "ckpt")
+    loaded = lowrank_kit.load(out, device_map="auto")
+    inputs = tiny_inputs(result.model, seed=5)
+    assert torch.equal(greedy(loaded.model, inputs), greedy(result.model, inputs))
+    with pytest.raises(PlacementError, match="go with --device-map auto"):
+        lowrank_kit.load(out, max_gpu_memory="1GiB")
+
+    fresh = build_tiny_model("llama", seed=0)
+    with pytest.raises(lowrank_kit.LowRankError, match="an offload directory applies to loading"):
+        lowrank_kit.compress(fresh, recipe, placement=parse_placement("auto", offload_dir=tmp_path / "off"))
+    on_meta = build_tiny_model("llama", seed=0)
+    on_meta.model.layers[1].mlp.to("meta")
+    with pytest.raises(lowrank_kit.LowRankError, match="weights on the meta device"):
+        lowrank_kit.compress(on_meta, recipe, calibration=samples_for(fresh, n=1))
