@@ -35,7 +35,7 @@ from lowrank_kit.quant.schemes import resolve_scheme
 from lowrank_kit.ratios import compute_ratios
 from lowrank_kit.recipe import DecomposeStep, QuantizeStep, Recipe, resolve_recipe
 from lowrank_kit.registry import adapter_for_config, get_decomposer, get_quantizer
-from lowrank_kit.sequential import LayerRunner, resident_layers
+from lowrank_kit.sequential import LayerRunner, resident_devices
 from lowrank_kit.surgery import apply_plan, describe_structure
 
 
@@ -129,7 +129,7 @@ def compress(
     runner = None
     if placement is not None and placement.dispatched:
         device = placement.execution_device
-        runner = LayerRunner(model, adapter, device, resident_layers(model, adapter, placement))
+        runner = LayerRunner(model, adapter, device, resident_devices(model, adapter, placement))
         runner.prepare()
     else:
         device = torch.device(device) if device is not None else _model_device(model)
@@ -221,7 +221,8 @@ def compress(
         report["placement"] = {
             **placement.describe(),
             "layers": runner.num_layers,
-            "resident_layers": min(runner.resident_layers, runner.num_layers),
+            "resident_layers": runner.resident_layers,
+            "resident_on": sorted({str(d) for d in runner.resident if d is not None}),
             "layer_onloads": runner.moves,
         }
     else:

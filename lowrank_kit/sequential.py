@@ -16,8 +16,10 @@ The statistics equal those of a full forward on one device: each layer sees the 
 the same sample order, and layer ``L + 1`` reads the *uncompressed* layer ``L``'s output, as in the
 in-memory path (factors are installed only after every layer is planned).
 
-Only the embeddings, vision side and head (``resident`` modules) stay on the execution device for the
-whole run, plus the first ``resident_layers`` decoder layers when ``--device-map auto`` has room for them.
+Only the embeddings, vision side and head stay on the execution device for the whole run, plus, under
+``--device-map auto``, the decoder layers that fit the GPU budget: the first ones on the execution
+device, the next ones on the other visible GPUs in order (:func:`plan_residency`); a resident layer runs
+where it lives, its inputs moved to it.
 """
 
 from __future__ import annotations
@@ -83,15 +85,27 @@ class LayerRunner:
     """Runs ``model``'s decoder layers one at a time on ``device`` (see the module docstring)."""
 
     def __init__(
-        self, model: nn.Module, adapter: ModelAdapter, device: torch.device, resident_layers: int = 0
+        self,
+        model: nn.Module,
+        adapter: ModelAdapter,
+        device: torch.device,
+        resident: list[torch.device | None] | None = None,
     ) -> None:
         self.model = model
         self.adapter = adapter
         self.device = torch.device(device)
         self.layers = adapter.decoder_layers(model)
-        self.resident_layers = resident_layers
+        # Per layer: the device it stays on for the whole run, or None (streamed to ``device`` per pass).
+        self.resident = list(resident) if resident is not None else [None] * len(self.layers)
         self.host = torch.device("cpu")
         self.moves = 0  # layer onloads, for the report
+
+    @property
+    def resident_layers(self) -> int:
+        return sum(d is not None for d in self.resident)
+
+    def layer_device(self, index: int) -> torch.device:
+        return self.resident[index] or self.device
 
     @property
     def num_layers(self) -> int:
@@ -101,8 +115,7 @@ class LayerRunner:
         """Embeddings, vision side and head on the execution device; resident layers there too."""
         move_outside_layers(self.model, self.adapter, self.device)
         for index in range(self.num_layers):
-            target = self.device if index < self.resident_layers else self.host
-            self.layers[index].to(target)
+            self.layers[index].to(self.resident[index] or self.host)
 
     def release(self) -> None:
         """Everything back in host memory (the compressed model is saved from there)."""
@@ -160,8 +173,7 @@ class LayerRunner:
         Calibration never writes to a layer's tensors, so offloading copies nothing back: each parameter
         and buffer simply points at its host tensor again and the device copy is freed."""
         layer = self.layers[index]
-        resident = index < self.resident_layers or self.device == self.host
-        if resident:
+        if self.resident[index] is not None or self.device == self.host:
             yield layer
             return
         params = [(p, p.data) for p in layer.parameters()]
@@ -177,11 +189,16 @@ class LayerRunner:
                 module._buffers[name] = buf
 
     def run(self, layer: nn.Module, index: int, hidden: torch.Tensor, inputs: SampleInputs) -> torch.Tensor:
+        """Layer ``index`` on one sample, on the layer's device (the output stays there)."""
         args, kwargs = inputs.layer_args[index]
-        return layer_output(layer(hidden, *args, **kwargs))
+        device = self.layer_device(index)
+        if device != self.device:
+            args, kwargs = _to(args, device), _to(kwargs, device)
+        return layer_output(layer(hidden.to(device), *args, **kwargs))
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from the last layer's output: the final norm, then ``lm_head``."""
+        hidden = hidden.to(self.device)
         norm = get_submodule(self.model, self.adapter.final_norm) if self.adapter.final_norm else None
         if norm is not None:
             hidden = norm(hidden)
@@ -192,30 +209,47 @@ def _bytes(tensors: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def resident_layers(model: nn.Module, adapter: ModelAdapter, placement: Any) -> int:
-    """How many decoder layers (from the first) stay on the execution device for the whole run.
+def plan_residency(sizes: list[int], budgets: list[tuple[torch.device, int]]) -> list[torch.device | None]:
+    """Which device each decoder layer stays on: consecutive layers fill the first budget, then the next
+    (``budgets``: (device, bytes free for layers) in order); the layers left over are streamed (None)."""
+    plan: list[torch.device | None] = []
+    slots = list(budgets)
+    for size in sizes:
+        while slots and slots[0][1] < size:
+            slots.pop(0)
+        if not slots:
+            plan.append(None)
+            continue
+        device, room = slots[0]
+        slots[0] = (device, room - size)
+        plan.append(device)
+    return plan
 
-    ``sequential``: none. ``auto`` without a GPU: all (the host is the execution device). ``auto`` on a
-    GPU: as many as fit its budget after the modules outside the decoder, one streamed layer, the
+
+def resident_devices(model: nn.Module, adapter: ModelAdapter, placement: Any) -> list[torch.device | None]:
+    """Where each decoder layer stays for the whole run (None: streamed to the execution device).
+
+    ``sequential``: nowhere. ``auto`` without a GPU: the host, which is the execution device. ``auto``
+    with GPUs: the execution device first, after the modules outside the decoder, one streamed layer, the
     per-layer fp32 statistics the calibrated methods may hold at once (a Gram matrix of the hidden size
-    and a Fisher matrix of q/k/v per layer) and 2 GiB of workspace.
+    and a Fisher matrix of q/k/v per layer) and 2 GiB of workspace; then every other visible GPU, each
+    keeping 2 GiB for activations (:func:`plan_residency`).
     """
     layers = adapter.decoder_layers(model)
     if placement.device_map == "sequential":
-        return 0
+        return [None] * len(layers)
     device = placement.execution_device
     if device.type != "cuda":
-        return len(layers)
+        return [device] * len(layers)
     sizes = [_bytes(layer.parameters()) + _bytes(layer.buffers()) for layer in layers]
     outside = _bytes(model.parameters()) + _bytes(model.buffers()) - sum(sizes)
     hidden = adapter.get_projection(model, 0, "q_proj").weight.shape[-1]
     qkv = sum(adapter.get_projection(model, 0, t).weight.numel() for t in ("q_proj", "k_proj", "v_proj"))
-    reserve = max(sizes) + len(layers) * (hidden * hidden + qkv) * 4 + 2 * 2**30
-    room = placement.gpu_budget(device.index or 0) - outside - reserve
-    count = 0
-    for size in sizes:
-        if room < size:
-            break
-        room -= size
-        count += 1
-    return count
+    workspace = 2 * 2**30
+    reserve = max(sizes) + len(layers) * (hidden * hidden + qkv) * 4 + workspace
+    first = device.index or 0
+    budgets = [(device, placement.gpu_budget(first) - outside - reserve)]
+    for index in range(torch.cuda.device_count()):
+        if index != first:
+            budgets.append((torch.device("cuda", index), placement.gpu_budget(index) - workspace))
+    return plan_residency(sizes, budgets)

@@ -502,15 +502,16 @@ def _stream_gradients(job: DecomposeJob, recorder: StageRecorder, samples: list,
     with recorder.stage("calibration: gradients", total=n) as st:
         for index in reversed(range(n)):
             keys = [(index, t) for t in job.targets]
+            where = runner.layer_device(index)
             with runner.onload(index) as layer:
                 params = [job.projection(index, t).weight for t in job.targets]
                 for s, sample in enumerate(captured):
                     while True:
-                        x = inputs[index][s].to(runner.device).requires_grad_(index > 0)
+                        x = inputs[index][s].to(where).requires_grad_(index > 0)
                         wanted = [x, *params] if index > 0 else params
                         with torch.enable_grad():
                             out = runner.run(layer, index, x, sample)
-                            grads = torch.autograd.grad(out, wanted, grad_outputs=upstream[s])
+                            grads = torch.autograd.grad(out, wanted, grad_outputs=upstream[s].to(where))
                         del out
                         if _finite(grads):
                             break

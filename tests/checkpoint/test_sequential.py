@@ -253,3 +253,38 @@ def test_keyword_api_and_what_compress_refuses(tmp_path):
     on_meta.model.layers[1].mlp.to("meta")
     with pytest.raises(lowrank_kit.LowRankError, match="weights on the meta device"):
         lowrank_kit.compress(on_meta, recipe, calibration=samples_for(fresh, n=1))
+
+
+def test_residency_fills_the_execution_device_then_the_other_gpus():
+    from lowrank_kit.sequential import plan_residency
+
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert plan_residency([10] * 5, [(gpu0, 25), (gpu1, 20)]) == [gpu0, gpu0, gpu1, gpu1, None]
+    assert plan_residency([10] * 3, [(gpu0, -5)]) == [None, None, None]  # no room after the reserve
+    assert plan_residency([10] * 3, [(gpu0, 100)]) == [gpu0] * 3
+    assert plan_residency([10, 30, 10], [(gpu0, 15), (gpu1, 35)]) == [gpu0, gpu1, None]
+
+
+def test_layers_resident_on_another_device_get_their_inputs_moved(monkeypatch):
+    # "cpu:0" is a device other than "cpu" to the runner but the same memory, so the moves to a resident
+    # layer's device can be recorded on the CPU; the result equals the plain stream's.
+    from lowrank_kit import sequential
+    from lowrank_kit.methods.stats import stream_forward
+    from lowrank_kit.registry import adapter_for_config
+
+    model = build_tiny_model("llava", seed=0)
+    adapter = adapter_for_config(model.config)
+    cpu, other = torch.device("cpu"), torch.device("cpu", 0)
+    plain = sequential.LayerRunner(model, adapter, cpu)
+    resident = sequential.LayerRunner(model, adapter, cpu, [other, None])
+    assert resident.resident_layers == 1 and resident.layer_device(0) == other
+    moved = []
+    real = sequential._to
+    monkeypatch.setattr(sequential, "_to", lambda value, device: moved.append(device) or real(value, device))
+    captured = plain.capture(samples_for(model, n=2), torch.float32)
+    with torch.no_grad():
+        want, _ = stream_forward(plain, captured)
+        assert moved == []
+        got, _ = stream_forward(resident, captured)
+    assert moved and set(moved) == {other}  # layer 0's arguments (nested values too), never layer 1's
+    assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
