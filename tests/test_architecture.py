@@ -31,6 +31,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "lowrank_kit.hookspecs",
             "lowrank_kit.hf_hook",
             "lowrank_kit.calib_cache",
+            "lowrank_kit.placement",
+            "lowrank_kit.snapshot",
         ),
     ),
     ("numerics", ("lowrank_kit.quant.primitives", "lowrank_kit.kernels")),
@@ -39,7 +41,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("lowrank_kit.data", "lowrank_kit.data.synthetic")),
     (
         "methods",
-        ("lowrank_kit.methods", "lowrank_kit.quant", "lowrank_kit.surgery", "lowrank_kit.ratios"),
+        (
+            "lowrank_kit.methods",
+            "lowrank_kit.quant",
+            "lowrank_kit.surgery",
+            "lowrank_kit.ratios",
+            "lowrank_kit.sequential",
+        ),
     ),
     (
         "registry",
