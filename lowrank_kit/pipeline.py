@@ -130,7 +130,6 @@ def compress(
     if placement is not None and placement.dispatched:
         device = placement.execution_device
         runner = LayerRunner(model, adapter, device, resident_devices(model, adapter, placement))
-        runner.prepare()
     else:
         device = torch.device(device) if device is not None else _model_device(model)
     timer = StageRecorder(NULL_REPORTER, device)
@@ -153,56 +152,22 @@ def compress(
         cache = CalibrationCache.for_run(cache_dir, model, recipe, calibration, device)
 
     report: dict[str, Any] = {"method": None, "quant": None, "decompose": {}, "quantize": {}}
-    for step in recipe.steps:
-        if isinstance(step, DecomposeStep):
-            cls = get_decomposer(step.method)
-            method = cls(cls.config_class.model_validate(step.params))
-            job = DecomposeJob(
-                model=model,
-                adapter=adapter,
-                info=info,
-                targets=tuple(step.targets),
-                ratios=step.ratio_for(),
-                ranks={t: step.rank for t in step.targets} if step.rank is not None else None,
-                allocation=step.rank_allocation or cls.allocations[0],
-                granularity=step.granularity,
-                calibration=calibration,
-                reporter=reporter,
-                device=device,
-                seed=recipe.calibration.seed,
-                cache=cache,
-                runner=runner,
-            )
-            with timer.stage(f"decompose ({step.method})"):
-                plan = method.decompose(job)
-                apply_plan(model, adapter, plan)
-            report["method"] = step.method
-            report["decompose"] = {
-                "method": step.method,
-                "requested_ratio": step.ratio,
-                "requested_ratios": step.ratios,
-                "requested_rank": step.rank,
-                "targets": list(step.targets),
-                "rank_allocation": job.allocation,
-                "granularity": step.granularity,
-                "params": step.params,
-                **plan.report,
-            }
-        else:
-            scheme = resolve_scheme(step.scheme)
-            report["quant"] = scheme.name
-            methods = list(step.methods or scheme.methods)
-            entries: dict[str, Any] = {**scheme.describe(), "methods": methods}
-            for name in methods:
-                cls = get_quantizer(name)
-                quantizer = cls(cls.config_class.model_validate(step.params.get(name, {})))
-                qjob = QuantizeJob(
+    if runner is not None:
+        runner.prepare()
+    try:
+        for step in recipe.steps:
+            if isinstance(step, DecomposeStep):
+                cls = get_decomposer(step.method)
+                method = cls(cls.config_class.model_validate(step.params))
+                job = DecomposeJob(
                     model=model,
                     adapter=adapter,
                     info=info,
-                    weight_bits=scheme.weight_bits,
-                    act_bits=scheme.act_bits,
-                    kv_bits=scheme.kv_bits,
+                    targets=tuple(step.targets),
+                    ratios=step.ratio_for(),
+                    ranks={t: step.rank for t in step.targets} if step.rank is not None else None,
+                    allocation=step.rank_allocation or cls.allocations[0],
+                    granularity=step.granularity,
                     calibration=calibration,
                     reporter=reporter,
                     device=device,
@@ -210,14 +175,53 @@ def compress(
                     cache=cache,
                     runner=runner,
                 )
-                with timer.stage(f"quantize ({name})"):
-                    entries[name] = quantizer.quantize(qjob)
+                with timer.stage(f"decompose ({step.method})"):
+                    plan = method.decompose(job)
+                    apply_plan(model, adapter, plan)
+                report["method"] = step.method
+                report["decompose"] = {
+                    "method": step.method,
+                    "requested_ratio": step.ratio,
+                    "requested_ratios": step.ratios,
+                    "requested_rank": step.rank,
+                    "targets": list(step.targets),
+                    "rank_allocation": job.allocation,
+                    "granularity": step.granularity,
+                    "params": step.params,
+                    **plan.report,
+                }
+            else:
+                scheme = resolve_scheme(step.scheme)
+                report["quant"] = scheme.name
+                methods = list(step.methods or scheme.methods)
+                entries: dict[str, Any] = {**scheme.describe(), "methods": methods}
+                for name in methods:
+                    cls = get_quantizer(name)
+                    quantizer = cls(cls.config_class.model_validate(step.params.get(name, {})))
+                    qjob = QuantizeJob(
+                        model=model,
+                        adapter=adapter,
+                        info=info,
+                        weight_bits=scheme.weight_bits,
+                        act_bits=scheme.act_bits,
+                        kv_bits=scheme.kv_bits,
+                        calibration=calibration,
+                        reporter=reporter,
+                        device=device,
+                        seed=recipe.calibration.seed,
+                        cache=cache,
+                        runner=runner,
+                    )
+                    with timer.stage(f"quantize ({name})"):
+                        entries[name] = quantizer.quantize(qjob)
 
-            entries.update(cache_report(model, adapter, scheme.kv_bits))
-            report["quantize"] = entries
+                entries.update(cache_report(model, adapter, scheme.kv_bits))
+                report["quantize"] = entries
 
+    finally:
+        if runner is not None:  # a failed step too leaves the model in host memory, as it came
+            runner.release()
     if runner is not None:
-        runner.release()
         report["placement"] = {
             **placement.describe(),
             "layers": runner.num_layers,

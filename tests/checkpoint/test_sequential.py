@@ -288,3 +288,27 @@ def test_layers_resident_on_another_device_get_their_inputs_moved(monkeypatch):
         got, _ = stream_forward(resident, captured)
     assert moved and set(moved) == {other}  # layer 0's arguments (nested values too), never layer 1's
     assert all(torch.equal(a, b) for a, b in zip(want, got, strict=True))
+
+
+def test_a_failed_streamed_step_leaves_the_model_in_host_memory(monkeypatch):
+    from lowrank_kit.methods import stats
+
+    model = build_tiny_model("llama", seed=0)
+    recipe = lowrank_kit.recipe_from_flags(model="llama", method="wsvd", ratio=0.6)
+    moved = []
+    real = lowrank_kit.sequential.LayerRunner.release
+
+    def release(self):
+        moved.append("released")
+        real(self)
+
+    def broken(*args, **kwargs):
+        raise lowrank_kit.LowRankError("the gradient pass broke")
+
+    monkeypatch.setattr(lowrank_kit.sequential.LayerRunner, "release", release)
+    monkeypatch.setattr(stats, "_stream_gradients", broken)
+    with pytest.raises(lowrank_kit.LowRankError, match="the gradient pass broke"):
+        lowrank_kit.compress(
+            model, recipe, calibration=samples_for(model), device="cpu", device_map="sequential"
+        )
+    assert moved == ["released"]
