@@ -64,14 +64,8 @@ def windows(smollm2_dir):
 
 @pytest.mark.parametrize("method", METHODS)
 def test_compressed_checkpoint_loads_back_to_the_same_perplexity(method, windows, tmp_path):
-    params = {"ft_steps": 5} if method == "wsvd" else None  # a few fine-tuning steps keep CI short
     recipe = recipe_from_flags(
-        model="smollm2-135m",
-        method=method,
-        ratio=0.7,
-        calib_samples=2,
-        calib_max_length=128,
-        params=params,
+        model="smollm2-135m", method=method, ratio=0.7, calib_samples=2, calib_max_length=128
     )
     # The CLI's --eval-data hook: the report keeps the compressed model's perplexity on these windows.
     evaluate = _perplexity_evaluation("smollm2-135m", "text:pydoc", seq_len=128, limit=2)

@@ -46,6 +46,8 @@ def test_each_recipe_resolves_with_real_calibration_and_compresses(name):
     assert recipe.decompose.method == method
     assert [s.scheme for s in recipe.quantize] == ([scheme] if scheme else [])
     assert recipe.calibration.source == "auto"  # real data for the model, chosen when it loads
+    if method == "wsvd":  # the paper's settings fine-tune, though lowrank_kit's default does not
+        assert recipe.decompose.params["finetune"] is True
 
     model = build_tiny_model("llava")
     # Two steps of fine-tuning and of QAT keep the test short; the recipes keep the methods' defaults.

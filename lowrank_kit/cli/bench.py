@@ -36,7 +36,7 @@ def accuracy(
         "svd,asvd,svdllm,qsvd,wsvd",
         "--methods",
         help="Comma-separated decomposers (built-in or from plugins; see `lowrank methods`); "
-        "name:key=value[:key=value] sets a method's parameters, e.g. wsvd:finetune=false.",
+        "name:key=value[:key=value] sets a method's parameters, e.g. wsvd:finetune=true.",
     ),
     ratios: str = typer.Option(
         "0.9,0.8,0.7,0.6,0.5", "--ratios", help=f"Comma-separated ρ1 values. {RATIO_HELP}"

@@ -166,7 +166,7 @@ def parse_method(label: str) -> tuple[str, dict[str, Any]]:
         if not eq or not key.strip() or not value.strip():
             raise RecipeError(
                 f"--methods: {label!r}: {pair!r} is not key=value; write a method with parameters as "
-                "name:key=value[:key=value], e.g. wsvd:finetune=false"
+                "name:key=value[:key=value], e.g. wsvd:finetune=true"
             )
         if key.strip() in params:
             raise RecipeError(f"--methods: {label!r} sets {key.strip()!r} twice")

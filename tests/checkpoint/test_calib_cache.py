@@ -143,7 +143,7 @@ def test_a_rerun_reuses_everything_and_gives_the_same_factors(method, allocation
 
 def test_wsvd_caches_every_stage(tmp_path):
     model = build_tiny_model("llava")
-    recipe = lowrank_kit.recipe_from_flags(model="llava", method="wsvd", ratio=0.5)
+    recipe = lowrank_kit.recipe_from_flags(model="llava", method="wsvd", ratio=0.5, params={"finetune": True})
     result = lowrank_kit.compress(model, recipe, calibration=samples_for(model), cache_dir=tmp_path)
     computed = result.report["calibration_cache"]["computed"]
     assert [c.split("-")[0] for c in computed] == [

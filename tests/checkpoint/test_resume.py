@@ -21,7 +21,7 @@ from lowrank_kit.models.tiny import build_tiny_model
 
 cache, out = sys.argv[1] or None, sys.argv[2]
 model = build_tiny_model("llava")
-recipe = lowrank_kit.recipe_from_flags(model="llava", method="wsvd", ratio=0.5)
+recipe = lowrank_kit.recipe_from_flags(model="llava", method="wsvd", ratio=0.5, params={"finetune": True})
 result = lowrank_kit.compress(model, recipe, calibration=samples_for(model), cache_dir=cache)
 save_compressed(result, out)
 print(json.dumps(result.report["calibration_cache"]))

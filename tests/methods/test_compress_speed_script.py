@@ -37,7 +37,7 @@ def test_smoke_run_writes_stage_times_and_ratios(tmp_path):
         "--output",
         str(out),
     ]
-    _script().main([*argv, "--params", '{"ft_steps": 3}'])
+    _script().main([*argv, "--params", '{"finetune": true, "ft_steps": 3}'])
     result = json.loads(out.read_text())
     assert [s["stage"] for s in result["stages"]] == [
         "calibration: activations",

@@ -139,6 +139,6 @@ def test_configs_reject_typos_and_carry_the_papers_defaults():
     assert ASVDDecomposer.config_class().alpha == 0.5
     assert QSVDDecomposer.config_class().alpha == 0.5 and QSVDDecomposer.config_class().beta == 0.5
     wsvd = WSVDDecomposer.config_class()
-    assert (wsvd.finetune, wsvd.ft_steps, wsvd.ft_lr, wsvd.whitening) == (True, 100, 1e-4, "eigen")
+    assert (wsvd.finetune, wsvd.ft_steps, wsvd.ft_lr, wsvd.whitening) == (False, 100, 1e-4, "eigen")
     with pytest.raises(ValueError, match="ft_step"):
         WSVDDecomposer.config_class(ft_step=3)

@@ -113,7 +113,7 @@ def test_no_fine_tuning_gives_the_whitened_per_head_truncation():
 def test_fine_tuning_improves_the_fisher_weighted_error_on_a_model():
     model = build_tiny_model("molmo2") if _has_molmo2() else build_tiny_model("smolvlm")
     job = _job(model, ratio=0.4, allocation="importance")
-    plan = WSVDDecomposer(WSVDConfig(ft_steps=50, ft_lr=1e-3)).decompose(job)
+    plan = WSVDDecomposer(WSVDConfig(finetune=True, ft_steps=50, ft_lr=1e-3)).decompose(job)
     ft = plan.report["finetune"]
     assert ft["heads_tuned"] == sum(job.info.heads_of(t) for t in TARGETS) * job.info.num_layers
     assert ft["mean_loss_after"] < ft["mean_loss_before"]
@@ -184,7 +184,7 @@ def test_fine_tuned_factors_are_what_the_model_runs_and_meet_an_independent_fish
                 g = make_job(ref).projection(layer, t).weight.grad
                 fisher[(layer, t)] = fisher.get((layer, t), 0) + g * g / len(samples)
     job = make_job(model, samples=samples, ratios=dict.fromkeys(TARGETS, 0.5), allocation="importance")
-    plan = WSVDDecomposer(WSVDConfig(ft_steps=50, ft_lr=1e-3)).decompose(job)
+    plan = WSVDDecomposer(WSVDConfig(finetune=True, ft_steps=50, ft_lr=1e-3)).decompose(job)
     no_ft = WSVDDecomposer(WSVDConfig(finetune=False)).decompose(
         make_job(model, samples=samples, ratios=dict.fromkeys(TARGETS, 0.5), allocation="importance")
     )

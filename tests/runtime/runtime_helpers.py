@@ -35,9 +35,6 @@ def recipe_for(family: str, method: str, ratio: float = 0.6, targets=None, schem
     step = {"type": "decompose", "method": method, "ratio": ratio}
     if targets is not None:
         step["targets"] = list(targets)
-    if method == "wsvd":
-        # Three Adam steps instead of 100: fine-tuning changes factor values, not the structure decode reads.
-        step["params"] = {"ft_steps": 3}
     steps = [step]
     if scheme is not None:
         # Max scaling instead of the clip grid search: other integers, the same modules.
