@@ -6,6 +6,7 @@ import math
 
 import pytest
 from eval_helpers import make_items
+from torch import nn
 from typer.testing import CliRunner
 
 import lowrank_kit.eval.grid as grid
@@ -375,3 +376,28 @@ def test_cli_model_given_twice_is_one_line(text_model):
     )
     assert res.exit_code == 2
     assert res.output.strip().startswith("Error: give the model once, as MODEL or --model; got ")
+
+
+# -- one model compressed in place per cell -----------------------------------------------------------
+def scores(cell):
+    return {k: cell[k] for k in ("perplexity", "nll", "kl", "rho1", "rho2", "layout")}
+
+
+@pytest.mark.parametrize("quant", [None, "w8a8-kv8-qat"])
+def test_a_cell_scores_the_same_whatever_ran_before_it(text_model, tmp_path, monkeypatch, quant):
+    def no_module_copies(self, memo):
+        raise AssertionError(f"the grid deep-copied a {type(self).__name__}")
+
+    monkeypatch.setattr(nn.Module, "__deepcopy__", no_module_copies, raising=False)
+    methods = ["wsvd", "svdllm", "svd"]
+    together = run_accuracy_grid(
+        text_spec(text_model, methods=methods, ratios=[0.5], quant=quant), tmp_path / "all"
+    )
+    for method in methods[1:]:
+        alone = run_accuracy_grid(
+            text_spec(text_model, methods=[method], ratios=[0.5], quant=quant), tmp_path / method
+        )
+        (key,) = alone["cells"]
+        assert scores(together["cells"][key]) == scores(alone["cells"][key]), key
+        assert together["fp16"]["perplexity"] == alone["fp16"]["perplexity"]
+        assert together["cells"][key]["kl"] > 0
