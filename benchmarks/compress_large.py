@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         total = torch.cuda.get_device_properties(0).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_cap * GIB / total))
         budget = f"{args.gpu_cap}GiB"
-    placement = parse_placement(args.device_map, budget)
+    # The cap itself is the per-process fraction; auto also plans its resident layers by it.
+    placement = parse_placement(args.device_map, budget if args.device_map == "auto" else None)
     stages = Stages(cuda)
     result: dict[str, Any] = {
         "benchmark": "compress_large",
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["params"] = sum(t.numel() for t in model.parameters())
     result["model_bytes"] = sum(t.numel() * t.element_size() for t in model.parameters())
     samples = calibration_samples(model, args.samples, args.tokens, 0)
-    recipe = lowrank_kit.recipe_from_flags(model="llava-next-13b", method=args.method, ratio=args.ratio)
+    recipe = lowrank_kit.recipe_from_flags(model=f"{args.shape}-shaped", method=args.method, ratio=args.ratio)
     compressed = stages.run(
         "compress",
         lambda: lowrank_kit.compress(

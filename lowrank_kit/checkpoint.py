@@ -224,21 +224,18 @@ def state_bytes(model: nn.Module) -> int:
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each tensor once (a tied or shared tensor under the first of its names in
-    sorted order, as safetensors' own ``save_model`` keeps it), contiguous, in state-dict order."""
+    sorted order), in state-dict order."""
     groups: dict[tuple, list[str]] = {}
     tensors: dict[tuple, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        key = (
-            t.device,
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            tuple(t.shape),
-            t.stride(),
-            t.dtype,
-        )
+        if t.numel() == 0:  # empty tensors share address 0 without being one tensor
+            key: tuple = ("empty", name)
+        else:
+            storage = t.untyped_storage().data_ptr()
+            key = (t.device, storage, t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
         groups.setdefault(key, []).append(name)
         tensors[key] = t
-    return {min(names): tensors[key].contiguous() for key, names in groups.items()}
+    return {min(names): tensors[key] for key, names in groups.items()}
 
 
 def _write_weights(model: nn.Module, directory: Path, max_shard_size: int) -> list[Path]:
@@ -264,7 +261,7 @@ def _write_weights(model: nn.Module, directory: Path, max_shard_size: int) -> li
     files, weight_map = [], {}
     for i, names in enumerate(shards, start=1):
         file = directory / f"model-{i:05d}-of-{count:05d}.safetensors"
-        save_file({n: state[n].cpu() for n in names}, str(file), metadata={"format": "pt"})
+        save_file({n: state[n].contiguous().cpu() for n in names}, str(file), metadata={"format": "pt"})
         files.append(file)
         weight_map.update({n: file.name for n in names})
     _write_json(directory / WEIGHTS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})

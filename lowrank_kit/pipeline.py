@@ -127,9 +127,15 @@ def compress(
             "load it into host memory and compress with device_map='sequential' or 'auto' instead"
         )
     runner = None
-    if placement is not None and placement.dispatched:
+    if placement is not None and device is not None and torch.device(device) != placement.execution_device:
+        raise RecipeError(
+            f"compress() got device {device} and a placement that runs on {placement.execution_device}; give one"
+        )
+    if placement is not None and not placement.dispatched:
+        model.to(placement.execution_device)  # the whole model on that one device
         device = placement.execution_device
-        runner = LayerRunner(model, adapter, device, resident_devices(model, adapter, placement))
+    elif placement is not None:
+        device = placement.execution_device
     else:
         device = torch.device(device) if device is not None else _model_device(model)
     timer = StageRecorder(NULL_REPORTER, device)
@@ -147,14 +153,21 @@ def compress(
         with timer.stage("calibration data"):
             calibration = build_calibration(recipe.calibration, processor, adapter, reporter=reporter)
 
+    if placement is not None and placement.dispatched:
+        # The streamed passes hold three hidden-state tensors per sample on the device at once.
+        hidden_size = adapter.get_projection(model, 0, "q_proj").weight.shape[-1]
+        tokens = sum(int(s.inputs["input_ids"].numel()) for s in calibration or ())
+        activations = 3 * tokens * hidden_size * next(model.parameters()).element_size()
+        runner = LayerRunner(model, adapter, device, resident_devices(model, adapter, placement, activations))
+
     cache = None
     if cache_dir is not None and needs_calibration(recipe):
         cache = CalibrationCache.for_run(cache_dir, model, recipe, calibration, device)
 
     report: dict[str, Any] = {"method": None, "quant": None, "decompose": {}, "quantize": {}}
-    if runner is not None:
-        runner.prepare()
     try:
+        if runner is not None:
+            runner.prepare()
         for step in recipe.steps:
             if isinstance(step, DecomposeStep):
                 cls = get_decomposer(step.method)

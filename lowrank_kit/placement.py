@@ -6,13 +6,13 @@ Device maps:
 - ``cpu`` / ``cuda`` / ``cuda:N``: the whole model on that device (the in-memory path).
 - ``sequential``: the model stays in host memory; compression runs one decoder layer at a time on the
   execution device (the first GPU, else the CPU), so GPU memory holds one layer, the embeddings and head,
-  the calibration activations and the statistics (:mod:`lowrank_kit.sequential`). Loading a checkpoint
-  with it streams every decoder layer through accelerate's offload hooks.
+  the calibration activations and the statistics (:mod:`lowrank_kit.sequential`). It is a compression
+  mode: a checkpoint larger than the GPU loads with ``auto``.
 - ``auto``: as much of the model as fits ``--max-gpu-memory`` (default: the free memory of each GPU)
-  stays on the GPUs. Compression keeps the first decoder layers that fit resident and streams the rest
-  (every layer resident when the whole model fits: the in-memory path); loading hands the budget to
-  transformers' ``device_map="auto"`` (accelerate), which spreads the model over every visible GPU, then
-  host memory, then ``--offload-dir`` on disk.
+  stays on the GPUs. Compression keeps the decoder layers that fit resident (the execution device first,
+  then the other GPUs) and streams the rest, still one layer at a time, and returns the model in host
+  memory; loading hands the budget to transformers' ``device_map="auto"`` (accelerate), which spreads the
+  model over every visible GPU, then host memory, then ``--offload-dir`` on disk.
 """
 
 from __future__ import annotations
@@ -105,7 +105,11 @@ def parse_placement(
             raise PlacementError(
                 f"an execution device ({execution_device}) goes with --device-map auto or sequential, not {name!r}"
             )
-        parse_placement(execution_device)  # a valid single device
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", str(execution_device).strip().lower()):
+            raise PlacementError(
+                f"layers run on one device: cpu, cuda, cuda:N or mps, not {str(execution_device)!r}"
+            )
+        parse_placement(str(execution_device).strip().lower())  # a GPU that exists
     # meta builds shapes only (parameter counts); mps is Apple's GPU.
     if name not in ("auto", "sequential", "cpu", "cuda", "meta", "mps") and not re.fullmatch(
         r"cuda:\d+", name
@@ -121,9 +125,10 @@ def parse_placement(
         if index >= torch.cuda.device_count():
             raise PlacementError(f"device map {name!r}: only {torch.cuda.device_count()} GPU(s) are visible")
     budget = parse_memory(max_gpu_memory) if max_gpu_memory is not None else None
-    if budget is not None and name not in ("auto", "sequential"):
+    if budget is not None and name != "auto":
         raise PlacementError(
-            f"--max-gpu-memory budgets a spread model; use it with --device-map auto or sequential, not {name!r}"
+            "--max-gpu-memory decides how many layers stay on the GPU under --device-map auto; "
+            f"it does nothing with {name!r}"
         )
     directory = Path(offload_dir).expanduser() if offload_dir is not None else None
     if directory is not None:
@@ -134,7 +139,9 @@ def parse_placement(
             )
         if directory.exists() and not directory.is_dir():
             raise PlacementError(f"--offload-dir {str(directory)!r} is a file; give a directory")
-    execution = str(torch.device(execution_device)) if execution_device is not None else None
+    execution = (
+        str(torch.device(str(execution_device).strip().lower())) if execution_device is not None else None
+    )
     return Placement(device_map=name, max_gpu_memory=budget, offload_dir=directory, execution=execution)
 
 
@@ -148,15 +155,24 @@ def resolve_placement(
     ``auto``, ``device`` names the device the layers run on (default: the first GPU)."""
     spread = device_map is not None and device_map.strip().lower() in ("auto", "sequential")
     device = str(device) if device is not None else None
-    if device is not None and device_map is not None and not spread and device != device_map:
+    if device is not None and device_map is not None and not spread and _same(device, device_map) is False:
         raise PlacementError(
             f"--device {device} and --device-map {device_map} contradict each other; give --device-map only"
         )
     if device_map is None and (max_gpu_memory is not None or offload_dir is not None):
-        raise PlacementError("--max-gpu-memory and --offload-dir go with --device-map auto (or sequential)")
+        raise PlacementError("--max-gpu-memory and --offload-dir go with --device-map auto")
     return parse_placement(
         device_map or device or "cpu", max_gpu_memory, offload_dir, device if spread else None
     )
+
+
+def _same(a: str, b: str) -> bool | None:
+    """Whether two device names are one device (``cuda`` is ``cuda:0``); None when either is no device."""
+    try:
+        da, db = torch.device(a.strip().lower()), torch.device(b.strip().lower())
+    except RuntimeError:
+        return None
+    return da.type == db.type and (da.index or 0) == (db.index or 0)
 
 
 def as_placement(device: str | torch.device | Placement | None) -> Placement:
@@ -175,6 +191,12 @@ def from_pretrained_kwargs(placement: Placement) -> dict[str, Any]:
         )
     if placement.device_map != "auto":
         return {}
+    chosen = placement.execution
+    if chosen is not None and torch.cuda.is_available() and _same(chosen, "cuda:0") is False:
+        raise PlacementError(
+            f"with --device-map auto accelerate places the model over every visible GPU, so --device "
+            f"{placement.execution} cannot choose one; restrict the GPUs with CUDA_VISIBLE_DEVICES instead"
+        )
     kwargs: dict[str, Any] = {"device_map": "auto"}
     budget = placement.max_memory()
     if budget is not None:
@@ -185,17 +207,6 @@ def from_pretrained_kwargs(placement: Placement) -> dict[str, Any]:
         placement.offload_dir.mkdir(parents=True, exist_ok=True)
         kwargs["offload_folder"] = str(placement.offload_dir)
     return kwargs
-
-
-def where_layers_are(model: Any) -> dict[str, int] | None:
-    """How many modules of an accelerate-spread model sit on each device (``hf_device_map``)."""
-    mapping = getattr(model, "hf_device_map", None)
-    if not mapping:
-        return None
-    counts: dict[str, int] = {}
-    for device in mapping.values():
-        counts[str(device)] = counts.get(str(device), 0) + 1
-    return counts
 
 
 def input_device(model: Any) -> torch.device:

@@ -36,8 +36,9 @@ from lowrank_kit.errors import CalibrationError
 from lowrank_kit.models.base import ModelAdapter, get_submodule
 
 
-class _Captured(Exception):
-    """Raised by the last layer's recorder to stop the forward once every layer's arguments are known."""
+class _Captured(BaseException):
+    """Raised by the last layer's recorder to stop the forward once every layer's arguments are known
+    (a BaseException, so that no ``except Exception`` inside a model's forward swallows it)."""
 
 
 @dataclass
@@ -226,14 +227,17 @@ def plan_residency(sizes: list[int], budgets: list[tuple[torch.device, int]]) ->
     return plan
 
 
-def resident_devices(model: nn.Module, adapter: ModelAdapter, placement: Any) -> list[torch.device | None]:
+def resident_devices(
+    model: nn.Module, adapter: ModelAdapter, placement: Any, activation_bytes: int = 0
+) -> list[torch.device | None]:
     """Where each decoder layer stays for the whole run (None: streamed to the execution device).
 
     ``sequential``: nowhere. ``auto`` without a GPU: the host, which is the execution device. ``auto``
     with GPUs: the execution device first, after the modules outside the decoder, one streamed layer, the
     per-layer fp32 statistics the calibrated methods may hold at once (a Gram matrix of the hidden size
-    and a Fisher matrix of q/k/v per layer) and 2 GiB of workspace; then every other visible GPU, each
-    keeping 2 GiB for activations (:func:`plan_residency`).
+    and a Fisher matrix of q/k/v per layer), ``activation_bytes`` (the calibration samples' hidden states
+    the passes hold at once) and 2 GiB of workspace; then every other visible GPU, each keeping 2 GiB for
+    activations (:func:`plan_residency`).
     """
     layers = adapter.decoder_layers(model)
     if placement.device_map == "sequential":
@@ -246,7 +250,7 @@ def resident_devices(model: nn.Module, adapter: ModelAdapter, placement: Any) ->
     hidden = adapter.get_projection(model, 0, "q_proj").weight.shape[-1]
     qkv = sum(adapter.get_projection(model, 0, t).weight.numel() for t in ("q_proj", "k_proj", "v_proj"))
     workspace = 2 * 2**30
-    reserve = max(sizes) + len(layers) * (hidden * hidden + qkv) * 4 + workspace
+    reserve = max(sizes) + len(layers) * (hidden * hidden + qkv) * 4 + activation_bytes + workspace
     first = device.index or 0
     budgets = [(device, placement.gpu_budget(first) - outside - reserve)]
     for index in range(torch.cuda.device_count()):

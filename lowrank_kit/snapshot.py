@@ -40,14 +40,16 @@ class ModelSnapshot:
         # Configs are edited in place (e.g. tie_word_embeddings) and shared between modules: their
         # attributes are restored in place, so every module keeps pointing at the same object.
         self.configs = [(c, dict(c.__dict__)) for c in configs.values()]
-        self.values: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # (tensor, its value in host memory, its version counter then): a tensor written in place since has
+        # another version, so only those are copied back.
+        self.values: list[tuple[torch.Tensor, torch.Tensor, int]] | None = None
         if keep_values:
             seen: set[int] = set()
             self.values = []
             for tensor in [*model.parameters(), *model.buffers()]:
                 if id(tensor) not in seen:
                     seen.add(id(tensor))
-                    self.values.append((tensor, tensor.detach().to("cpu", copy=True)))
+                    self.values.append((tensor, tensor.detach().to("cpu", copy=True), tensor._version))
 
     def restore(self) -> None:
         for module, attrs in self.state:
@@ -63,16 +65,23 @@ class ModelSnapshot:
             config.__dict__.update(attrs)
         if self.values is not None:
             with torch.no_grad():
-                for tensor, value in self.values:
-                    tensor.copy_(value.to(tensor.device))
+                for i, (tensor, value, version) in enumerate(self.values):
+                    if tensor._version != version:
+                        tensor.copy_(value.to(tensor.device))
+                        self.values[i] = (tensor, value, tensor._version)
 
     @contextlib.contextmanager
     def original(self) -> Iterator[nn.Module]:
         """The model as it was when recorded, for the body of the ``with`` (e.g. reference logits for a
         KL); its current state comes back afterwards."""
-        current = ModelSnapshot(self.model, keep_values=self.values is not None)
+        current = ModelSnapshot(self.model)
+        # Only the tensors changed in place since the snapshot move (both ways), not the whole model.
+        changed = [(t, t.detach().to("cpu", copy=True)) for t, _, v in self.values or () if t._version != v]
         self.restore()
         try:
             yield self.model
         finally:
             current.restore()
+            with torch.no_grad():
+                for tensor, value in changed:
+                    tensor.copy_(value.to(tensor.device))

@@ -53,6 +53,7 @@ from lowrank_kit.kernels.latent_attention.launch import head_blocks, row_widths,
 from lowrank_kit.kernels.latent_attention.layout import HEADS_COLUMNS, HEADS_MAX
 from lowrank_kit.models.presets import build_random_model, get_preset, preset_config
 from lowrank_kit.pipeline import compress
+from lowrank_kit.placement import input_device
 from lowrank_kit.progress import NULL_REPORTER
 from lowrank_kit.quant.schemes import resolve_scheme
 from lowrank_kit.recipe import parse_recipe
@@ -200,7 +201,7 @@ def _text_id_limit(config) -> int:
 def prompt_ids(model, batch: int, length: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, _text_id_limit(model.config), (batch, length), generator=gen)
-    return ids.to(next(model.parameters()).device)
+    return ids.to(input_device(model))
 
 
 def calibration_samples(model, count: int, tokens: int, seed: int) -> list:

@@ -242,7 +242,7 @@ def compress(
         "streamed).",
     ),
     max_gpu_memory: str | None = typer.Option(
-        None, "--max-gpu-memory", help="With --device-map auto/sequential: GPU memory budget, e.g. 40GiB."
+        None, "--max-gpu-memory", help="With --device-map auto: GPU memory budget per GPU, e.g. 40GiB."
     ),
     max_shard_size: str = typer.Option(
         "50GB", "--max-shard-size", help="Split the saved weights into files of at most this size."

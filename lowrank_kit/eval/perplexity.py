@@ -57,7 +57,7 @@ def perplexity(
     """Perplexity of ``model`` over ``windows`` (``[n, T]`` token ids), ``batch_size`` windows a pass.
 
     Returns ``{"perplexity", "nll", "tokens", "windows", "kl"}``: ``tokens`` is the number of predicted
-    tokens, ``n * (T - 1)``; ``kl`` is None without a ``reference``. Models are used as they are (put them
+    tokens, ``n * (T - 1)``; ``kl`` is None without a ``reference`` or ``reference_state``. Models are used as they are (put them
     in eval mode: dropout would make the numbers random). ``reference_state`` instead of ``reference``:
     a context in which ``model`` itself is the reference (a model compressed in place, with
     :meth:`lowrank_kit.snapshot.ModelSnapshot.original`), so no second model is held.

@@ -462,6 +462,31 @@ def _finite(tensors: Sequence[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def _available_host_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_host_memory(captured: list, layers: int) -> None:
+    """The streamed gradient pass keeps every layer's input of every sample in host memory: refuse in one
+    line, before the first layer moves, when that cannot fit."""
+    need = layers * sum(c.hidden.numel() * c.hidden.element_size() for c in captured)
+    available = _available_host_bytes()
+    if available is not None and need > 0.9 * available:
+        tokens = sum(c.hidden.shape[-2] for c in captured)
+        raise CalibrationError(
+            f"the layer-by-layer gradient pass keeps each layer's input: {need / 2**30:.1f} GiB of host memory "
+            f"for {layers} layers x {len(captured)} samples ({tokens} tokens), {available / 2**30:.1f} GiB "
+            "available; use fewer or shorter calibration samples (--calib-samples, --calib-max-length)"
+        )
+
+
 def _stream_gradients(job: DecomposeJob, recorder: StageRecorder, samples: list, scale: float, fold) -> float:
     """The gradient pass one decoder layer at a time (layer-wise gradient checkpointing).
 
@@ -476,7 +501,10 @@ def _stream_gradients(job: DecomposeJob, recorder: StageRecorder, samples: list,
     n = runner.num_layers
     with torch.no_grad(), recorder.stage("calibration: gradients (forward)", total=n) as st:
         captured = runner.capture(samples, model_dtype(job.model))
+        _check_host_memory(captured, n)
         hidden, inputs = stream_forward(runner, captured, stage=st, keep_inputs=True)
+    for sample in captured:  # layer 0's input now lives in ``inputs``; free the device copy
+        sample.hidden = torch.empty(0)
     scales = [scale] * len(samples)
     upstream: list[torch.Tensor | None] = []
     total = 0.0

@@ -17,7 +17,9 @@ from lowrank_kit.placement import PlacementError, parse_memory, parse_placement
 
 def compress_with(family, method, device_map=None, quant=None):
     model = build_tiny_model(family, seed=0)
-    recipe = lowrank_kit.recipe_from_flags(model=family, method=method, ratio=0.6, quant=quant)
+    params = {"finetune": True} if method == "wsvd-ft" else None
+    method = "wsvd" if method == "wsvd-ft" else method
+    recipe = lowrank_kit.recipe_from_flags(model=family, method=method, ratio=0.6, quant=quant, params=params)
     # The in-memory reference runs on the CPU, so the layers do too (on a GPU machine as well).
     placement = parse_placement(device_map, execution_device="cpu") if device_map else None
     return lowrank_kit.compress(model, recipe, calibration=samples_for(model, n=3), placement=placement)
@@ -37,10 +39,10 @@ def assert_same_tensors(a, b):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("method", ["wsvd", "svdllm", "qsvd", "asvd"])
+@pytest.mark.parametrize("method", ["wsvd", "wsvd-ft", "svdllm", "qsvd", "asvd"])
 def test_layer_by_layer_compression_writes_the_in_memory_checkpoint(family, method, tmp_path):
-    # wsvd: Gram + the gradient pass (importance and Fisher) + fine-tuning; qsvd: abs-mean + importance;
-    # asvd: abs-mean; svdllm: Gram. On the CPU, sequential streams every layer and auto keeps all resident.
+    # wsvd: Gram + the gradient pass (importance); wsvd-ft: also the Fisher and fine-tuning; qsvd:
+    # abs-mean + importance; asvd: abs-mean; svdllm: Gram. On the CPU, sequential streams every layer and auto keeps all resident.
     reference = compress_with(family, method)
     save_compressed(reference, tmp_path / "memory")
     want = tensors(tmp_path / "memory")
@@ -49,7 +51,7 @@ def test_layer_by_layer_compression_writes_the_in_memory_checkpoint(family, meth
         stages = [s["stage"] for s in result.report["stages"]]
         assert result.report["placement"]["device_map"] == device_map
         assert result.report["placement"]["layers"] == len(result.adapter.decoder_layers(result.model))
-        if method in ("wsvd", "qsvd"):  # the streamed gradient pass ran (not the whole-model one)
+        if method in ("wsvd", "wsvd-ft", "qsvd"):  # the streamed gradient pass ran, not the whole-model one
             decompose = result.report["decompose"]
             assert any(s["stage"] == "calibration: gradients (forward)" for s in decompose["stages"]), stages
         save_compressed(result, tmp_path / device_map)
@@ -180,12 +182,18 @@ def test_load_with_device_map_auto_offloads_to_disk(tmp_path, monkeypatch):
     "args,message",
     [
         ({"device_map": "gpu"}, "unknown device map 'gpu'; valid: auto, sequential, cpu, cuda, cuda:N"),
-        ({"device_map": "cpu", "max_gpu_memory": "4GiB"}, "--max-gpu-memory budgets a spread model"),
+        ({"device_map": "cpu", "max_gpu_memory": "4GiB"}, "--max-gpu-memory decides how many layers stay"),
+        ({"device_map": "sequential", "max_gpu_memory": "4GiB"}, "it does nothing with 'sequential'"),
         ({"device_map": "auto", "max_gpu_memory": "lots"}, "'lots' is not a size"),
         ({"device_map": "auto", "max_gpu_memory": "0GB"}, "must be positive"),
         ({"device_map": "sequential", "offload_dir": "x"}, "--offload-dir holds the layers"),
         ({"device_map": "cpu", "execution_device": "cpu"}, "goes with --device-map auto or sequential"),
-        ({"device_map": "auto", "execution_device": "tpu"}, "unknown device map 'tpu'"),
+        (
+            {"device_map": "auto", "execution_device": "tpu"},
+            "layers run on one device: cpu, cuda, cuda:N or mps",
+        ),
+        ({"device_map": "sequential", "execution_device": "auto"}, "not 'auto'"),
+        ({"device_map": "sequential", "execution_device": "meta"}, "not 'meta'"),
     ],
 )
 def test_bad_placements_fail_in_one_line(args, message):
@@ -312,3 +320,37 @@ def test_a_failed_streamed_step_leaves_the_model_in_host_memory(monkeypatch):
             model, recipe, calibration=samples_for(model), device="cpu", device_map="sequential"
         )
     assert moved == ["released"]
+
+
+def test_the_streamed_gradient_pass_refuses_what_host_memory_cannot_hold(monkeypatch):
+    from lowrank_kit.methods import stats
+
+    monkeypatch.setattr(stats, "_available_host_bytes", lambda: 1000)
+    model = build_tiny_model("llama", seed=0)
+    recipe = lowrank_kit.recipe_from_flags(model="llama", method="wsvd", ratio=0.6)
+    with pytest.raises(
+        lowrank_kit.LowRankError, match="keeps each layer's input: .* GiB of host memory for 2"
+    ):
+        lowrank_kit.compress(
+            model, recipe, calibration=samples_for(model), device="cpu", device_map="sequential"
+        )
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_empty_tensors_are_not_taken_for_one_shared_tensor(tmp_path):
+    from lowrank_kit.checkpoint import _unique_tensors
+
+    model = torch.nn.Module()
+    model.a = torch.nn.Parameter(torch.empty(0))
+    model.b = torch.nn.Parameter(torch.empty(0))
+    model.c = torch.nn.Linear(2, 2)
+    model.d = model.c  # tied: one tensor under two names
+    assert sorted(_unique_tensors(model)) == ["a", "b", "c.bias", "c.weight"]
+
+
+def test_device_names_are_compared_as_devices():
+    from lowrank_kit.placement import resolve_placement
+
+    assert resolve_placement("cpu", "cpu").device_map == "cpu"
+    with pytest.raises(PlacementError, match="contradict"):
+        resolve_placement("cpu", "cuda")
