@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--shape", default="llava-next-34b")
     p.add_argument("--method", default="wsvd")
     p.add_argument("--ratio", type=float, default=0.5)
+    p.add_argument("--params", default="{}", help="method parameters as JSON, e.g. '{\"finetune\": true}'")
     p.add_argument("--device-map", default="sequential", choices=["sequential", "auto"])
     p.add_argument("--gpu-cap", type=float, default=None, help="GiB of GPU memory this process may use")
     p.add_argument("--samples", type=int, default=16)
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "benchmark": "compress_large",
         "shape": args.shape,
         "method": args.method,
+        "params": json.loads(args.params),
         "requested_rho1": args.ratio,
         "device_map": args.device_map,
         "gpu_cap_gib": args.gpu_cap,
@@ -184,7 +186,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["params"] = sum(t.numel() for t in model.parameters())
     result["model_bytes"] = sum(t.numel() * t.element_size() for t in model.parameters())
     samples = calibration_samples(model, args.samples, args.tokens, 0)
-    recipe = lowrank_kit.recipe_from_flags(model=f"{args.shape}-shaped", method=args.method, ratio=args.ratio)
+    recipe = lowrank_kit.recipe_from_flags(
+        model=f"{args.shape}-shaped",
+        method=args.method,
+        ratio=args.ratio,
+        params=json.loads(args.params) or None,
+    )
     compressed = stages.run(
         "compress",
         lambda: lowrank_kit.compress(

@@ -68,10 +68,11 @@ for p in "${parts[@]}"; do
         tests/checkpoint/test_sequential.py ;;
     large_34b)  # a LLaVA-NeXT-34B-shaped model compressed under an 80 GiB cap, layer by layer
       step compress_large_34b "${LARGE_LIMIT:-590}" python3 benchmarks/compress_large.py --shape llava-next-34b \
-        --gpu-cap 80 --samples "${LARGE_SAMPLES:-16}" --output "$OUT/compress_large_llava-next-34b_wsvd_$CARD.json" ;;
+        --gpu-cap 80 --samples "${LARGE_SAMPLES:-16}" --params '{"finetune": true}' \
+        --output "$OUT/compress_large_llava-next-34b_wsvd_$CARD.json" ;;
     large_13b)  # a LLaVA-NeXT-13B-shaped model under a 40 GiB cap, as many layers resident as fit
       step compress_large_13b 420 python3 benchmarks/compress_large.py --shape llava-next-13b --gpu-cap 40 \
-        --device-map auto --output "$OUT/compress_large_llava-next-13b_wsvd_$CARD.json" ;;
+        --device-map auto --params '{"finetune": true}' --output "$OUT/compress_large_llava-next-13b_wsvd_$CARD.json" ;;
     int_sweep)  # launch shapes of the Triton integer kernel at 8 rows (unswapped and swapped operands)
       step int_sweep 420 python3 benchmarks/int_linear.py --parts sweep --iters 30 --output "$OUT/int_linear_sweep_$CARD.json" ;;
     int_linears)  # backends per layer shape and row count only (no memory part)
