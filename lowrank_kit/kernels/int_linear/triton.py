@@ -40,7 +40,8 @@ def launch_config(m: int, n: int, k: int, bits: int = 8) -> IntLinearConfig:
     """Decode-sized inputs (≤ 16 rows) are a weight stream: narrow column tiles give every SM a share of
     the rows of ``q`` (the shapes measured best on an H100 at 8 rows over LLaVA-NeXT-7B's layers,
     ``benchmarks/int_linear.py --parts sweep``: 405-866 GB/s, still slower than fp16). The swapped-operand
-    kernel (``swapped=True``) is in the sweep but not yet measured on a GPU, so it is not the default.
+    and split-K launches (``swapped=True``, ``split_k > 1``) are correct on an H100 (the GPU tests) but their
+    speed is not yet measured (the sweep covers them), so neither is the default.
     Larger inputs use square-ish tensor-core tiles."""
     if interpreting():
         return IntLinearConfig(16, 16, 32, 1, 1)
