@@ -288,6 +288,31 @@ def save_recipe(recipe: Recipe, path: str | Path) -> Path:
     return p
 
 
+def parse_method(label: str, flag: str = "--methods") -> tuple[str, dict[str, Any]]:
+    """A method with parameters: ``name`` or ``name:key=value[:key=value...]`` (e.g. ``wsvd:finetune=true``),
+    as ``--method`` and a grid's ``--methods`` take it.
+
+    Values are read as YAML scalars (``false``, ``10``, ``1e-4``, ``eigen``); the parameters are
+    checked against the method's config class when its recipes are resolved.
+    """
+    name, *pairs = label.split(":")
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip() or not value.strip():
+            raise RecipeError(
+                f"{flag}: {label!r}: {pair!r} is not key=value; write a method with parameters as "
+                "name:key=value[:key=value], e.g. wsvd:finetune=true"
+            )
+        if key.strip() in params:
+            raise RecipeError(f"{flag}: {label!r} sets {key.strip()!r} twice")
+        try:
+            params[key.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
 def recipe_from_flags(
     *,
     model: str = DEFAULT_MODEL,
@@ -310,7 +335,8 @@ def recipe_from_flags(
 ) -> Recipe:
     """The recipe the CLI flags describe (``--method``, ``--ratio``, ``--quant``, ...).
 
-    ``params``: the decompose step's method parameters (``{"finetune": False}`` for wsvd), checked
+    ``method`` may carry parameters (``wsvd:finetune=true``, :func:`parse_method`). ``params``: the decompose
+    step's method parameters (``{"finetune": True}`` for wsvd), checked
     against the method's config class when the recipe is resolved. ``quant_methods``: the quantizers
     the quantize step runs, in order, instead of the scheme's own.
     """
@@ -336,6 +362,13 @@ def recipe_from_flags(
         calibration["max_length"] = calib_max_length
     steps: list[dict[str, Any]] = []
     if method is not None:
+        method, named = parse_method(method, "--method")
+        clash = sorted(set(named) & set(params or {}))
+        if clash:
+            raise RecipeError(
+                f"--method {method}:... and the method parameters both set {clash[0]!r}; give it once"
+            )
+        params = {**named, **(params or {})} or None
         step: dict[str, Any] = {"type": "decompose", "method": method}
         if ratio is not None:
             step["ratio"] = ratio

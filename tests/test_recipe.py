@@ -234,3 +234,15 @@ def test_recipe_is_frozen_against_typos_on_assignment():
     r = Recipe.model_validate(_recipe())
     with pytest.raises(ValueError):
         r.steps[0].ratio = 3.0
+
+
+def test_a_method_flag_carries_its_parameters():
+    from lowrank_kit.errors import RecipeError
+    from lowrank_kit.recipe import recipe_from_flags
+
+    recipe = recipe_from_flags(method="wsvd:finetune=true:ft_steps=7", ratio=0.5)
+    assert (recipe.decompose.method, recipe.decompose.params) == ("wsvd", {"finetune": True, "ft_steps": 7})
+    with pytest.raises(RecipeError, match="both set 'finetune'"):
+        recipe_from_flags(method="wsvd:finetune=true", ratio=0.5, params={"finetune": False})
+    with pytest.raises(RecipeError, match="--method: 'wsvd:ft_steps': 'ft_steps' is not key=value"):
+        recipe_from_flags(method="wsvd:ft_steps", ratio=0.5)

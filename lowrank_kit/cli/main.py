@@ -72,7 +72,13 @@ _RECIPE_OPTIONS: dict[str, Any] = {
             "--model", "-m", help="Alias (see `lowrank models`), hub id, local directory or `testbed`."
         ),
     ],
-    "method": Annotated[str | None, typer.Option("--method", help="Decomposer (see `lowrank methods`).")],
+    "method": Annotated[
+        str | None,
+        typer.Option(
+            "--method",
+            help="Decomposer (see `lowrank methods`), with parameters as name:key=value (wsvd:finetune=true).",
+        ),
+    ],
     "ratio": Annotated[float | None, typer.Option("--ratio", help=RATIO_HELP)],
     "rank": Annotated[
         int | None,

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -55,7 +54,7 @@ import lowrank_kit
 from lowrank_kit.calib_cache import key_digest, model_digest
 from lowrank_kit.data.sources import build_calibration, resolve_calibration
 from lowrank_kit.data.text import VALID_FORMS, corpus_text, parse_corpus, token_windows
-from lowrank_kit.errors import RecipeError, unknown_name
+from lowrank_kit.errors import unknown_name
 from lowrank_kit.eval.cache import EvalCache, item_digest
 from lowrank_kit.eval.datasets import load_eval_data
 from lowrank_kit.eval.engine import EvalResult, EvaluationError, ItemResult, evaluate
@@ -66,7 +65,7 @@ from lowrank_kit.modules import JointLowRankProjection, LowRankLinear, PerHeadLo
 from lowrank_kit.pipeline import compress, needs_calibration
 from lowrank_kit.progress import NULL_REPORTER, Reporter
 from lowrank_kit.ratios import kv_projections
-from lowrank_kit.recipe import Recipe, recipe_from_flags, resolve_recipe
+from lowrank_kit.recipe import Recipe, parse_method, recipe_from_flags, resolve_recipe
 from lowrank_kit.registry import get_registry
 from lowrank_kit.snapshot import ModelSnapshot
 
@@ -151,30 +150,6 @@ class GridRow:
                 calib_max_length=spec.calib_max_length,
             )
         )
-
-
-def parse_method(label: str) -> tuple[str, dict[str, Any]]:
-    """A grid row's method: ``name`` or ``name:key=value[:key=value...]`` (e.g. ``wsvd:finetune=false``).
-
-    Values are read as YAML scalars (``false``, ``10``, ``1e-4``, ``eigen``); the parameters are
-    checked against the method's config class when its recipes are resolved.
-    """
-    name, *pairs = label.split(":")
-    params: dict[str, Any] = {}
-    for pair in pairs:
-        key, eq, value = pair.partition("=")
-        if not eq or not key.strip() or not value.strip():
-            raise RecipeError(
-                f"--methods: {label!r}: {pair!r} is not key=value; write a method with parameters as "
-                "name:key=value[:key=value], e.g. wsvd:finetune=true"
-            )
-        if key.strip() in params:
-            raise RecipeError(f"--methods: {label!r} sets {key.strip()!r} twice")
-        try:
-            params[key.strip()] = yaml.safe_load(value.strip())
-        except yaml.YAMLError:
-            params[key.strip()] = value.strip()
-    return name.strip(), params
 
 
 def check_methods(methods: Sequence[str]) -> None:

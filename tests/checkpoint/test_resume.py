@@ -96,7 +96,18 @@ def test_killed_lowrank_compress_resumes_and_writes_the_same_checkpoint(tmp_path
 
     src = save_tiny_checkpoint("llava", tmp_path / "model")
     # Not the testbed, so its default calibration is ScienceQA from the hub: name the generator explicitly.
-    common = ["compress", "--model", src, "--method", "wsvd", "--ratio", "0.5", "--calib-samples", "4"]
+    # Fine-tuning on, so that the run has a per-layer stage to be killed in and resume from.
+    common = [
+        "compress",
+        "--model",
+        src,
+        "--method",
+        "wsvd:finetune=true",
+        "--ratio",
+        "0.5",
+        "--calib-samples",
+        "4",
+    ]
     common += ["--calib-source", "testbed"]
     code, _, stderr = finish(cli(*common, "--output", tmp_path / "reference", "--no-cache"))
     assert code == 0, stderr[-2000:]

@@ -192,7 +192,7 @@ def test_method_parameters():
         "wsvd",
         {"finetune": False, "ft_steps": 10},
     )
-    with pytest.raises(RecipeError, match=r"'finetune' is not key=value; .*wsvd:finetune=false"):
+    with pytest.raises(RecipeError, match=r"'finetune' is not key=value; .*wsvd:finetune=true"):
         grid.parse_method("wsvd:finetune")
     with pytest.raises(RecipeError, match=r"sets 'ft_steps' twice"):
         grid.parse_method("wsvd:ft_steps=1:ft_steps=2")
@@ -212,11 +212,11 @@ def test_a_row_with_method_parameters(workspace, tmp_path, monkeypatch):
     # The tiny LLaVA's own items: `source: auto` would mean ScienceQA from the hub.
     calib = dict(calib_samples=2, calib_source="tsv", calib_path=str(workspace / "data.tsv"))
     results = run_accuracy_grid(
-        spec(workspace, methods=["wsvd", "wsvd:finetune=false"], ratios=[0.8], **calib), tmp_path / "p"
+        spec(workspace, methods=["wsvd", "wsvd:finetune=true"], ratios=[0.8], **calib), tmp_path / "p"
     )
     assert sorted(seen) == [("wsvd", False), ("wsvd", True)]
-    assert set(results["cells"]) == {"wsvd@0.8", "wsvd:finetune=false@0.8"}
-    assert "| wsvd:finetune=false |" in (tmp_path / "p" / "table.md").read_text()
+    assert set(results["cells"]) == {"wsvd@0.8", "wsvd:finetune=true@0.8"}
+    assert "| wsvd:finetune=true |" in (tmp_path / "p" / "table.md").read_text()
     # A parameter the method does not have is the recipe's error, before any model work.
     with pytest.raises(RecipeError, match="fine_tune"):
         run_accuracy_grid(spec(workspace, methods=["wsvd:fine_tune=false"]), tmp_path / "bad")
