@@ -165,6 +165,18 @@ def compress(
         cache = CalibrationCache.for_run(cache_dir, model, recipe, calibration, device)
 
     report: dict[str, Any] = {"method": None, "quant": None, "decompose": {}, "quantize": {}}
+    # What every step's job reads, decomposer or quantizer.
+    shared: dict[str, Any] = dict(
+        model=model,
+        adapter=adapter,
+        info=info,
+        calibration=calibration,
+        reporter=reporter,
+        device=device,
+        seed=recipe.calibration.seed,
+        cache=cache,
+        runner=runner,
+    )
     try:
         if runner is not None:
             runner.prepare()
@@ -173,20 +185,12 @@ def compress(
                 cls = get_decomposer(step.method)
                 method = cls(cls.config_class.model_validate(step.params))
                 job = DecomposeJob(
-                    model=model,
-                    adapter=adapter,
-                    info=info,
+                    **shared,
                     targets=tuple(step.targets),
                     ratios=step.ratio_for(),
                     ranks={t: step.rank for t in step.targets} if step.rank is not None else None,
                     allocation=step.rank_allocation or cls.allocations[0],
                     granularity=step.granularity,
-                    calibration=calibration,
-                    reporter=reporter,
-                    device=device,
-                    seed=recipe.calibration.seed,
-                    cache=cache,
-                    runner=runner,
                 )
                 with timer.stage(f"decompose ({step.method})"):
                     plan = method.decompose(job)
@@ -212,18 +216,10 @@ def compress(
                     cls = get_quantizer(name)
                     quantizer = cls(cls.config_class.model_validate(step.params.get(name, {})))
                     qjob = QuantizeJob(
-                        model=model,
-                        adapter=adapter,
-                        info=info,
+                        **shared,
                         weight_bits=scheme.weight_bits,
                         act_bits=scheme.act_bits,
                         kv_bits=scheme.kv_bits,
-                        calibration=calibration,
-                        reporter=reporter,
-                        device=device,
-                        seed=recipe.calibration.seed,
-                        cache=cache,
-                        runner=runner,
                     )
                     with timer.stage(f"quantize ({name})"):
                         entries[name] = quantizer.quantize(qjob)
