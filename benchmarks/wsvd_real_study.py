@@ -18,8 +18,8 @@ Parts (``--parts``, comma-separated):
   fine-tuning at 64 and 256, and at ρ1 0.3 with 64 (with and without fine-tuning): the Fisher and the importance
   scores are means over the samples, so the sample count is what this varies. The pydoc pool holds 289
   windows of 256 tokens, so the 512-sample cell stops with that message (it needs a larger corpus).
-- ``finetune``: wsvd at ρ1 0.5, 64 samples, 100 fine-tuning steps at learning rates 1e-3 and 1e-2 (the
-  default is 1e-4).
+- ``finetune``: wsvd at ρ1 0.5, 64 samples, 100 fine-tuning steps at learning rates 1e-3 and 1e-2, and
+  25 and 300 steps at 1e-4 (the defaults are 100 steps at 1e-4).
 - ``allocation``: wsvd with uniform ranks against importance ranks, and svdllm, at ρ1 0.5 and 0.3.
 
     python benchmarks/wsvd_real_study.py --output benchmarks/results/wsvd_real_study/
@@ -196,7 +196,7 @@ CELLS: dict[str, list[tuple[str, str, float, int, dict[str, Any]]]] = {
     ],
     "finetune": [
         (f"wsvd@0.5/n=64/steps={s}/lr={lr:g}", "wsvd", 0.5, 64, {**FT, "ft_steps": s, "ft_lr": lr})
-        for s, lr in ((100, 1e-3), (100, 1e-2))
+        for s, lr in ((100, 1e-3), (100, 1e-2), (25, 1e-4), (300, 1e-4))
     ],
 }
 ORDER = [
@@ -208,6 +208,8 @@ ORDER = [
     "wsvd@0.5/n=256",
     "wsvd-noft@0.5/n=256",
     "wsvd@0.5/n=64/steps=100/lr=0.01",
+    "wsvd@0.5/n=64/steps=25/lr=0.0001",
+    "wsvd@0.5/n=64/steps=300/lr=0.0001",
     "wsvd@0.3/n=64",
     "svdllm@0.3/n=64",
     "wsvd-noft@0.3/n=64",
