@@ -5,7 +5,7 @@ synthetic calibration samples of realistic length (one image's worth of image to
 answer tokens labelled), runs the method end to end (calibration statistics, factorization, ranks,
 local fine-tuning, module surgery) and writes JSON: wall time and peak memory per stage, ρ1, ρ2.
 
-    python benchmarks/compress_speed.py --output benchmarks/results/compress_wsvd_llava-1.5-7b_h100.json
+    python benchmarks/compress_speed.py --params '{"finetune": true}' --output benchmarks/results/compress_wsvd_llava-1.5-7b_h100.json
     python benchmarks/compress_speed.py --tiny llava --device cpu --samples 4   # a smoke run anywhere
 
 Random weights give the real shapes and the real amount of work; the numbers say nothing about quality.
