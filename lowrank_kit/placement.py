@@ -197,6 +197,13 @@ def from_pretrained_kwargs(placement: Placement) -> dict[str, Any]:
             f"with --device-map auto accelerate places the model over every visible GPU, so --device "
             f"{placement.execution} cannot choose one; restrict the GPUs with CUDA_VISIBLE_DEVICES instead"
         )
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise PlacementError(
+            "--device-map auto spreads the model through accelerate, which is not installed; "
+            "pip install accelerate (or lowrank_kit[real])"
+        )
     kwargs: dict[str, Any] = {"device_map": "auto"}
     budget = placement.max_memory()
     if budget is not None:

@@ -354,3 +354,16 @@ def test_device_names_are_compared_as_devices():
     assert resolve_placement("cpu", "cpu").device_map == "cpu"
     with pytest.raises(PlacementError, match="contradict"):
         resolve_placement("cpu", "cuda")
+
+
+def test_spreading_a_load_without_accelerate_is_one_line(monkeypatch):
+    import importlib.util
+
+    from lowrank_kit.placement import from_pretrained_kwargs
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a)
+    )
+    with pytest.raises(PlacementError, match="pip install accelerate"):
+        from_pretrained_kwargs(parse_placement("auto"))
