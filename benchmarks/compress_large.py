@@ -21,23 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import shutil
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from compress_speed import PrintReporter
 
 import lowrank_kit
 from lowrank_kit.bench.e2e import calibration_samples, prompt_ids
 from lowrank_kit.checkpoint import save_compressed
 from lowrank_kit.loading import load
+from lowrank_kit.methods.stats import StageRecorder
 from lowrank_kit.models.presets import preset_config
 from lowrank_kit.placement import parse_placement
-from lowrank_kit.progress import Reporter, Stage
 
 GIB = 2**30
 # Yi-34B, the decoder of llava-hf/llava-v1.6-34b-hf.
@@ -54,11 +52,6 @@ YI_34B = dict(
     max_position_embeddings=4096,
 )
 TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=64)  # fmt: skip
-
-
-class PrintReporter(Reporter):
-    def _finish(self, stage: Stage) -> None:
-        print(f"  {stage.name}: {time.perf_counter() - stage.started:.1f} s", file=sys.stderr, flush=True)
 
 
 def shape_config(shape: str):
@@ -106,32 +99,6 @@ def build_fast(config, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def host_peak() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-
-
-class Stages:
-    def __init__(self, cuda: bool) -> None:
-        self.cuda, self.rows = cuda, []
-
-    def run(self, name: str, fn, **extra: Any):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        out = fn()
-        if self.cuda:
-            torch.cuda.synchronize()
-        row = {"stage": name, "seconds": round(time.perf_counter() - t0, 3), "peak_host_bytes": host_peak()}
-        if self.cuda:
-            row["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated())
-        row.update(extra)
-        self.rows.append(row)
-        gpu = f"{row['peak_gpu_bytes'] / GIB:.1f} GiB GPU" if self.cuda else ""
-        print(f"{name}: {row['seconds']:.1f} s {gpu} {row['peak_host_bytes'] / GIB:.1f} GiB host", flush=True)
-        return out
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llava-next-34b")
@@ -158,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         budget = f"{args.gpu_cap}GiB"
     # The cap itself is the per-process fraction; auto also plans its resident layers by it.
     placement = parse_placement(args.device_map, budget if args.device_map == "auto" else None)
-    stages = Stages(cuda)
+    recorder = StageRecorder(PrintReporter(), torch.device("cuda" if cuda else "cpu"))
     result: dict[str, Any] = {
         "benchmark": "compress_large",
         "shape": args.shape,
@@ -171,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
-        "stages": stages.rows,
+        "stages": recorder.stages,
     }
 
     def write() -> None:
@@ -179,10 +146,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
     config = shape_config(args.shape)
-    model = stages.run(
-        "build random model (host memory)",
-        lambda: build_fast(config),
-    )
+    with recorder.stage("build random model (host memory)"):
+        model = build_fast(config)
     result["params"] = sum(t.numel() for t in model.parameters())
     result["model_bytes"] = sum(t.numel() * t.element_size() for t in model.parameters())
     samples = calibration_samples(model, args.samples, args.tokens, 0)
@@ -192,12 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratio=args.ratio,
         params=json.loads(args.params) or None,
     )
-    compressed = stages.run(
-        "compress",
-        lambda: lowrank_kit.compress(
+    with recorder.stage("compress"):
+        compressed = lowrank_kit.compress(
             model, recipe, calibration=samples, placement=placement, reporter=PrintReporter()
-        ),
-    )
+        )
     report = compressed.report
     result.update(
         rho1=report["rho1"],
@@ -220,10 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(result["saved"], flush=True)
         write()
         return result
-    out = stages.run(
-        "save (sharded)",
-        lambda: save_compressed(compressed, root / "ckpt", max_shard_size=args.max_shard_size),
-    )
+    with recorder.stage("save (sharded)"):
+        out = save_compressed(compressed, root / "ckpt", max_shard_size=args.max_shard_size)
     result["saved"] = {
         "weight_files": report["weight_files"],
         "disk_bytes": report["disk_bytes"],
@@ -234,14 +195,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if not args.no_load:
         spread = parse_placement("auto", budget)
-        loaded = stages.run("load (device_map auto)", lambda: load(out, device=spread))
+        with recorder.stage("load (device_map auto)"):
+            loaded = load(out, device=spread)
         where = getattr(loaded.model, "hf_device_map", None) or {"": str(placement.execution_device)}
         result["loaded_device_map"] = {str(k): str(v) for k, v in where.items()}
         ids = prompt_ids(loaded.model, 1, 32, 1)
-        tokens = stages.run(
-            "generate 8 tokens",
-            lambda: loaded.model.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False),
-        )
+        with recorder.stage("generate 8 tokens"):
+            tokens = loaded.model.generate(input_ids=ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         result["generated_tokens"] = tokens[0, -8:].tolist()
     if args.save_dir is None:
         shutil.rmtree(root, ignore_errors=True)

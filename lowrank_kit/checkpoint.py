@@ -212,14 +212,7 @@ def _write_json(path: Path, data: Any) -> None:
 
 def state_bytes(model: nn.Module) -> int:
     """Bytes of the model's state dict, each shared tensor counted once (what safetensors would store)."""
-    seen: set[tuple[int, int, int, torch.dtype]] = set()
-    total = 0
-    for t in model.state_dict().values():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel(), t.dtype)
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for t in _unique_tensors(model).values())
 
 
 def _unique_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -243,7 +236,7 @@ def _write_weights(model: nn.Module, directory: Path, max_shard_size: int) -> li
     (a tensor larger than that gets a shard of its own) with transformers' index file."""
     state = _unique_tensors(model)
     sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
-    total = sum(sizes.values())
+    total = sum(sizes.values())  # state_bytes(model)
     if total <= max_shard_size:
         # One metadata entry only: safetensors writes the metadata map in hash order, so a second key
         # would make two identical runs write different bytes (the format version is in config.json).

@@ -154,11 +154,8 @@ def compress(
             calibration = build_calibration(recipe.calibration, processor, adapter, reporter=reporter)
 
     if placement is not None and placement.dispatched:
-        # The streamed passes hold three hidden-state tensors per sample on the device at once.
-        hidden_size = adapter.get_projection(model, 0, "q_proj").weight.shape[-1]
         tokens = sum(int(s.inputs["input_ids"].numel()) for s in calibration or ())
-        activations = 3 * tokens * hidden_size * next(model.parameters()).element_size()
-        runner = LayerRunner(model, adapter, device, resident_devices(model, adapter, placement, activations))
+        runner = LayerRunner(model, adapter, device, resident_devices(model, adapter, placement, tokens))
 
     cache = None
     if cache_dir is not None and needs_calibration(recipe):

@@ -228,15 +228,15 @@ def plan_residency(sizes: list[int], budgets: list[tuple[torch.device, int]]) ->
 
 
 def resident_devices(
-    model: nn.Module, adapter: ModelAdapter, placement: Any, activation_bytes: int = 0
+    model: nn.Module, adapter: ModelAdapter, placement: Any, tokens: int = 0
 ) -> list[torch.device | None]:
     """Where each decoder layer stays for the whole run (None: streamed to the execution device).
 
     ``sequential``: nowhere. ``auto`` without a GPU: the host, which is the execution device. ``auto``
     with GPUs: the execution device first, after the modules outside the decoder, one streamed layer, the
     per-layer fp32 statistics the calibrated methods may hold at once (a Gram matrix of the hidden size
-    and a Fisher matrix of q/k/v per layer), ``activation_bytes`` (the calibration samples' hidden states
-    the passes hold at once) and 2 GiB of workspace; then every other visible GPU, each keeping 2 GiB for
+    and a Fisher matrix of q/k/v per layer), the hidden states of the calibration samples' ``tokens`` (the
+    streamed passes hold three such tensors per sample at once) and 2 GiB of workspace; then every other visible GPU, each keeping 2 GiB for
     activations (:func:`plan_residency`).
     """
     layers = adapter.decoder_layers(model)
@@ -250,7 +250,8 @@ def resident_devices(
     hidden = adapter.get_projection(model, 0, "q_proj").weight.shape[-1]
     qkv = sum(adapter.get_projection(model, 0, t).weight.numel() for t in ("q_proj", "k_proj", "v_proj"))
     workspace = 2 * 2**30
-    reserve = max(sizes) + len(layers) * (hidden * hidden + qkv) * 4 + activation_bytes + workspace
+    activations = 3 * tokens * hidden * next(model.parameters()).element_size()
+    reserve = max(sizes) + len(layers) * (hidden * hidden + qkv) * 4 + activations + workspace
     first = device.index or 0
     budgets = [(device, placement.gpu_budget(first) - outside - reserve)]
     for index in range(torch.cuda.device_count()):

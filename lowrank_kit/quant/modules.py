@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowrank_kit.kernels.int_linear import choose_backend, int8_linear, int_linear
+from lowrank_kit.kernels.int_linear import choose_backend, dequantize, int8_linear, int_linear
 from lowrank_kit.modules import PerHeadLowRankLinear
 from lowrank_kit.quant.hadamard_matrices import Factor, kron_apply
 from lowrank_kit.quant.primitives import (
@@ -158,14 +158,12 @@ class QuantLinear(_FollowsDtype, nn.Module):
                 mod.bias.copy_(linear.bias)
         return mod
 
-    def int_weight(self) -> torch.Tensor:
-        """The integers [out, in] as the compute dtype (exact: |q| ≤ 127); a new tensor on every call."""
-        return unpack(self.qweight, self.weight_bits, self.in_features).to(self.compute_dtype)
-
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weight ``q · scale`` [out, in] (inspection and folding; the forward never builds it)."""
-        return (self.int_weight().float() * self.weight_scale[:, None]).to(self.compute_dtype)
+        return dequantize(
+            self.qweight, self.weight_scale, self.weight_bits, self.in_features, self.compute_dtype
+        )
 
     def _int8_activations(self) -> bool:
         iq = self.input_quant

@@ -28,6 +28,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from lowrank_kit.kernels import interpreting
 from lowrank_kit.quant.primitives import unpack
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ SLOWER_THAN_FP16 = (
     "H100 (docs/benchmarks.md, 'Integer linears'); quantize for memory, not for speed, in this version"
 )
 _said_slower = False
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def requested_backend() -> str:
@@ -68,7 +65,7 @@ def int_mm_applies(x: torch.Tensor, bits: int, out_features: int) -> bool:
 def choose_backend(x: torch.Tensor, bits: int, out_features: int, *, int8_activations: bool) -> str:
     """The backend a call runs on (see the module docstring); a forced one that cannot run is an error."""
     name = requested_backend()
-    on_triton_device = x.is_cuda or _interpreting()
+    on_triton_device = x.is_cuda or interpreting()
     if name == "auto":
         if not x.is_cuda:
             return "naive"
@@ -115,8 +112,6 @@ def int_linear(
     if backend == "triton":
         from lowrank_kit.kernels.int_linear import triton as triton_impl  # Triton: only where it runs
 
-        if qweight.stride(-1) != 1:
-            qweight = qweight.contiguous()
         return triton_impl.int_linear(x, qweight, scale, bits, in_features)
     raise ValueError(f"int_linear backend must be naive or triton, got {backend!r}")
 

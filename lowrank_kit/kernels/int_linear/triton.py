@@ -13,16 +13,13 @@ replayed from a CUDA graph must not trigger a benchmark sweep, and the first cal
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from lowrank_kit.kernels import interpreting
 
 
 @dataclass(frozen=True)
@@ -139,6 +136,8 @@ def int_linear(
 ) -> torch.Tensor:
     """``x`` [..., K] → [..., N] in ``x``'s dtype (see the module docstring); ``config`` overrides
     :func:`launch_config` (for benchmarks)."""
+    if qweight.stride(-1) != 1:  # the kernel reads rows of q with unit stride along K
+        qweight = qweight.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     m, n = x2.shape[0], qweight.shape[0]

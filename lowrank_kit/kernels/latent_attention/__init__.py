@@ -9,11 +9,10 @@ backend runs.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from lowrank_kit.errors import LowRankError
+from lowrank_kit.kernels import interpreting
 from lowrank_kit.kernels.latent_attention import naive
 from lowrank_kit.kernels.latent_attention.layout import (
     LatentKV,
@@ -152,12 +151,12 @@ def latent_attention_decode(
     if backend == "naive":
         res = naive.latent_attention_decode(q, kv, w, starts, ends)
         return res if out is None else out.copy_(res)
-    if not q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if not q.is_cuda and not interpreting():
         raise LowRankError(
             f"the triton backend needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1; "
             "use backend='naive' or 'auto' on the CPU"
         )
-    if q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if q.is_cuda and not interpreting():
         check_compiled(w.head_dim)
     from lowrank_kit.kernels.latent_attention import triton as triton_impl  # Triton: only where it runs
 

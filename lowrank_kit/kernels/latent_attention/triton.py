@@ -20,21 +20,17 @@ first call compiles once and never autotunes.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from lowrank_kit.kernels import interpreting
 from lowrank_kit.kernels.latent_attention.launch import LaunchConfig, LaunchPlan, cdiv, plan_launch, pow2
 from lowrank_kit.kernels.latent_attention.layout import LatentKV, LatentWeights
 
 LOG2E = 1.4426950408889634
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
